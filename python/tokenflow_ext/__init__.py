@@ -1,0 +1,23 @@
+"""tokenflow_ext: fused C++/CUDA kernels for the TokenFlow and FlowTok image tokenizers.
+
+Public API::
+
+    res = tokenflow_ext.quantize(x, semantic_codebook, pixel_codebook=None, *, pixel_weight=1.0, l2_norm=True)
+    idx, dmin = tokenflow_ext.codebook_search(x, semantic_codebook, pixel_codebook=None, *, pixel_weight=1.0,
+                                              l2_norm=True)
+    rows = tokenflow_ext.codebook_gather(idx, semantic_codebook, pixel_codebook=None, *, l2_norm=True)
+    tokenflow_ext.build_info()
+
+The ops are also reachable as ``torch.ops.tokenflow_ext.*`` (they work under ``torch.compile``).
+"""
+
+import torch  # noqa: F401  (loads libtorch before the extension)
+
+from . import _C  # noqa: F401  (registers the ops with the dispatcher)
+from ._build import build_info
+from .ops import codebook_gather, codebook_search
+from .quantize import QuantizeResult, quantize
+
+__version__ = _C.__version__
+
+__all__ = ["QuantizeResult", "build_info", "codebook_gather", "codebook_search", "quantize", "__version__"]

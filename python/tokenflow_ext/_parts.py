@@ -1,0 +1,46 @@
+"""Helpers for the channel-last "[semantic | pixel]" layout shared by the codebook ops."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+NORM_EPS = 1e-12  # F.normalize's default
+
+
+def codebook_widths(semantic_codebook: torch.Tensor, pixel_codebook: torch.Tensor | None) -> tuple[int, int]:
+    """(Ds, Dp) of the codebooks; Dp = 0 without a pixel codebook."""
+    return semantic_codebook.shape[-1], (0 if pixel_codebook is None else pixel_codebook.shape[-1])
+
+
+def normalize_parts(x: torch.Tensor, semantic_dim: int) -> torch.Tensor:
+    """x (..., Ds + Dp) with each part divided by max(||part||, 1e-12), as F.normalize does."""
+    if semantic_dim == x.shape[-1]:
+        return F.normalize(x, dim=-1, eps=NORM_EPS)
+    semantic, pixel = x.split([semantic_dim, x.shape[-1] - semantic_dim], dim=-1)
+    return torch.cat([F.normalize(semantic, dim=-1, eps=NORM_EPS), F.normalize(pixel, dim=-1, eps=NORM_EPS)], dim=-1)
+
+
+def _normalize_backward(v: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    norm = v.norm(dim=-1, keepdim=True)
+    denominator = norm.clamp_min(NORM_EPS)
+    unit = v / denominator
+    projection = (unit * grad).sum(dim=-1, keepdim=True)
+    # Below eps the clamp stops the gradient of the norm: only g / eps remains.
+    return (grad - torch.where(norm > NORM_EPS, unit * projection, torch.zeros_like(projection))) / denominator
+
+
+def normalize_parts_backward(x: torch.Tensor, grad: torch.Tensor, semantic_dim: int) -> torch.Tensor:
+    """Gradient w.r.t. x of normalize_parts(x, semantic_dim), given the gradient of its output."""
+    if semantic_dim == x.shape[-1]:
+        return _normalize_backward(x, grad)
+    widths = [semantic_dim, x.shape[-1] - semantic_dim]
+    parts = zip(x.split(widths, dim=-1), grad.split(widths, dim=-1))
+    return torch.cat([_normalize_backward(v, g) for v, g in parts], dim=-1)
+
+
+def part_weights(semantic_dim: int, pixel_dim: int, pixel_weight: float, like: torch.Tensor) -> torch.Tensor:
+    """(Ds + Dp,) vector [1, ..., 1, w, ..., w] for weighting squared differences per channel."""
+    weights = torch.ones(semantic_dim + pixel_dim, dtype=like.dtype, device=like.device)
+    weights[semantic_dim:] = pixel_weight
+    return weights

@@ -1,0 +1,6 @@
+"""Python wrappers of the compiled ops: argument handling, fake (meta) kernels and autograd."""
+
+from .codebook_gather import codebook_gather
+from .codebook_search import codebook_search
+
+__all__ = ["codebook_gather", "codebook_search"]

@@ -1,0 +1,68 @@
+"""codebook_gather: rows of one or two codebooks by one shared index, with a scatter-add backward."""
+
+from __future__ import annotations
+
+import torch
+
+from .._parts import codebook_widths
+
+_op = torch.ops.tokenflow_ext.codebook_gather
+_backward_op = torch.ops.tokenflow_ext.codebook_gather_backward
+
+
+def codebook_gather(
+    indices: torch.Tensor,
+    semantic_codebook: torch.Tensor,
+    pixel_codebook: torch.Tensor | None = None,
+    *,
+    l2_norm: bool = True,
+    deterministic: bool | None = None,
+) -> torch.Tensor:
+    """Rows of both codebooks by one index: ``rows[..., :] = [c_s[idx], c_p[idx]]``.
+
+    Args:
+        indices: int64 (or int32) tensor of any shape ``(...)``, values in ``[0, K)``.
+        semantic_codebook: ``(K, Ds)`` float tensor.
+        pixel_codebook: optional ``(K, Dp)`` tensor, same device and dtype.
+        l2_norm: divide each gathered part by ``max(||part||, 1e-12)`` (``F.normalize``), as TokenFlow does.
+        deterministic: how the backward accumulates on CUDA: ``True`` sorts the indices and sums each code's
+            rows in a fixed order (bitwise reproducible), ``False`` uses atomics (faster for uniform indices).
+            ``None`` follows ``torch.are_deterministic_algorithms_enabled()``. The CPU is always deterministic.
+
+    Returns:
+        ``(..., Ds + Dp)`` tensor in the codebooks' dtype. Gradients reach both codebooks (a scatter-add by
+        index, then back through the normalisation when ``l2_norm``).
+    """
+    if deterministic is None:
+        deterministic = torch.are_deterministic_algorithms_enabled()
+    return _op(indices, semantic_codebook, pixel_codebook, bool(l2_norm), bool(deterministic))
+
+
+@torch.library.register_fake("tokenflow_ext::codebook_gather")
+def _codebook_gather_fake(indices, semantic_codebook, pixel_codebook, l2_norm, deterministic):
+    semantic_dim, pixel_dim = codebook_widths(semantic_codebook, pixel_codebook)
+    return semantic_codebook.new_empty((*indices.shape, semantic_dim + pixel_dim))
+
+
+@torch.library.register_fake("tokenflow_ext::codebook_gather_backward")
+def _codebook_gather_backward_fake(grad_rows, indices, semantic_codebook, pixel_codebook, l2_norm, deterministic):
+    grad_pixel = semantic_codebook.new_empty((0,)) if pixel_codebook is None else torch.empty_like(pixel_codebook)
+    return torch.empty_like(semantic_codebook), grad_pixel
+
+
+def _setup_context(ctx, inputs, output):
+    indices, semantic_codebook, pixel_codebook, l2_norm, deterministic = inputs
+    ctx.save_for_backward(indices, semantic_codebook, pixel_codebook)
+    ctx.l2_norm = l2_norm
+    ctx.deterministic = deterministic
+
+
+def _backward(ctx, grad_rows):
+    indices, semantic_codebook, pixel_codebook = ctx.saved_tensors
+    grad_semantic, grad_pixel = _backward_op(
+        grad_rows.contiguous(), indices, semantic_codebook, pixel_codebook, ctx.l2_norm, ctx.deterministic
+    )
+    return None, grad_semantic, (grad_pixel if pixel_codebook is not None else None), None, None
+
+
+torch.library.register_autograd("tokenflow_ext::codebook_gather", _backward, setup_context=_setup_context)
