@@ -13,6 +13,21 @@ def codebook_widths(semantic_codebook: torch.Tensor, pixel_codebook: torch.Tenso
     return semantic_codebook.shape[-1], (0 if pixel_codebook is None else pixel_codebook.shape[-1])
 
 
+def check_same_device_dtype(op: str, tensors: dict) -> None:
+    """Raise like the C++ checks when named tensors (None skipped) differ in device or dtype.
+
+    Used by the fake kernels, which run instead of the C++ ones for meta/fake tensors (and for mixed-device
+    calls involving a meta tensor), so errors surface at trace time with the same wording.
+    """
+    named = [(name, t) for name, t in tensors.items() if t is not None]
+    ref_name, ref = named[0]
+    for name, t in named[1:]:
+        if t.device != ref.device:
+            raise RuntimeError(f"{op}: {name} is on {t.device} but {ref_name} is on {ref.device}; move them to one device")
+        if t.dtype != ref.dtype:
+            raise RuntimeError(f"{op}: {name} has dtype {t.dtype} but {ref_name} has dtype {ref.dtype}")
+
+
 def normalize_parts(x: torch.Tensor, semantic_dim: int) -> torch.Tensor:
     """x (..., Ds + Dp) with each part divided by max(||part||, 1e-12), as F.normalize does."""
     if semantic_dim == x.shape[-1]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .._parts import codebook_widths
+from .._parts import check_same_device_dtype, codebook_widths
 
 _op = torch.ops.tokenflow_ext.codebook_gather
 _backward_op = torch.ops.tokenflow_ext.codebook_gather_backward
@@ -40,6 +40,9 @@ def codebook_gather(
 
 @torch.library.register_fake("tokenflow_ext::codebook_gather")
 def _codebook_gather_fake(indices, semantic_codebook, pixel_codebook, l2_norm, deterministic):
+    check_same_device_dtype(
+        "tokenflow_ext.codebook_gather", {"semantic_codebook": semantic_codebook, "pixel_codebook": pixel_codebook}
+    )
     semantic_dim, pixel_dim = codebook_widths(semantic_codebook, pixel_codebook)
     return semantic_codebook.new_empty((*indices.shape, semantic_dim + pixel_dim))
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .._parts import codebook_widths, normalize_parts, normalize_parts_backward, part_weights
+from .._parts import check_same_device_dtype, codebook_widths, normalize_parts, normalize_parts_backward, part_weights
 
 _op = torch.ops.tokenflow_ext.codebook_search
 _gather = torch.ops.tokenflow_ext.codebook_gather
@@ -45,6 +45,10 @@ def codebook_search(
 
 @torch.library.register_fake("tokenflow_ext::codebook_search")
 def _codebook_search_fake(x, semantic_codebook, pixel_codebook, pixel_weight, l2_norm):
+    check_same_device_dtype(
+        "tokenflow_ext.codebook_search",
+        {"semantic_codebook": semantic_codebook, "pixel_codebook": pixel_codebook, "x": x},
+    )
     semantic_dim, pixel_dim = codebook_widths(semantic_codebook, pixel_codebook)
     torch._check(
         x.dim() >= 1 and x.shape[-1] == semantic_dim + pixel_dim,

@@ -1,0 +1,102 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import DEVICES, make_problem
+
+import tokenflow_ext
+from tokenflow_ext.reference import quantize_reference
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("l2_norm", [True, False])
+@pytest.mark.parametrize("with_pixel", [True, False])
+def test_matches_official_formulation(device, l2_norm, with_pixel):
+    x, semantic, pixel = make_problem(2 * 6 * 6, 512, device=device, seed=1)
+    x = x.reshape(2, 6, 6, 40)
+    if not with_pixel:
+        x, pixel = x[..., :32], None
+    res = tokenflow_ext.quantize(x, semantic, pixel, l2_norm=l2_norm)
+    ref_indices, ref_codes, ref_quantized = quantize_reference(x, semantic, pixel, l2_norm=l2_norm)
+    assert res.indices.shape == x.shape[:-1] and res.indices.dtype == torch.int64
+    assert torch.equal(res.indices, ref_indices)
+    assert res.codes.shape == x.shape and res.quantized.shape == x.shape
+    torch.testing.assert_close(res.codes, ref_codes, atol=1e-6, rtol=1e-6)
+    # quantized carries the value of the codes (up to the straight-through rounding, <= 3e-8 officially)
+    torch.testing.assert_close(res.quantized, ref_quantized, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(res.quantized, res.codes, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradients_match_official_losses(device):
+    """vq + commitment losses as TokenFlow trains them: gradients reach x (STE) and both codebooks."""
+    x, semantic, pixel = make_problem(300, 128, device=device, seed=2)
+    beta = 0.25
+
+    def losses(quantize_fn, leaves):
+        x_, semantic_, pixel_ = leaves
+        out = quantize_fn(x_, semantic_, pixel_)
+        codes, quantized = out[1], out[2]
+        x_hat = torch.cat([F.normalize(x_[:, :32], dim=-1), F.normalize(x_[:, 32:], dim=-1)], dim=-1)
+        vq = ((codes - x_hat.detach()) ** 2).mean()
+        commit = beta * ((codes.detach() - x_hat) ** 2).mean()
+        downstream = (quantized * torch.linspace(-1, 1, 40, device=device)).sum()
+        return vq + commit + downstream
+
+    ours = [t.clone().requires_grad_() for t in (x, semantic, pixel)]
+    ref = [t.clone().requires_grad_() for t in (x, semantic, pixel)]
+    losses(tokenflow_ext.quantize, ours).backward()
+    losses(quantize_reference, ref).backward()
+    for a, b in zip(ours, ref):
+        assert a.grad is not None and a.grad.abs().sum() > 0
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradcheck_codes_and_distances(device):
+    # `quantized` is left out on purpose: its straight-through gradient is not the derivative of its value
+    # (test_gradients_match_official_losses checks it against the official formulation instead).
+    x, semantic, pixel = make_problem(5, 7, 3, 2, dtype=torch.float64, device=device, seed=3)
+    leaves = [t.requires_grad_() for t in (x, semantic, pixel)]
+
+    def fn(a, b, c):
+        res = tokenflow_ext.quantize(a, b, c, pixel_weight=0.5)
+        return res.codes, res.distances
+
+    assert torch.autograd.gradcheck(fn, leaves)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_dtypes(dtype):
+    x, semantic, pixel = make_problem(100, 256, dtype=dtype, seed=4)
+    res = tokenflow_ext.quantize(x, semantic, pixel)
+    assert res.codes.dtype == dtype and res.quantized.dtype == dtype and res.distances.dtype == torch.float32
+    indices, _ = tokenflow_ext.codebook_search(x.float(), semantic.float(), pixel.float())
+    assert torch.equal(res.indices, indices)  # fp16/bf16 values are exact in fp32
+
+
+def test_torch_compile_fullgraph_training_step():
+    x, semantic, pixel = make_problem(64, 96, seed=5)
+
+    def step(a, b, c):
+        res = tokenflow_ext.quantize(a, b, c)
+        return ((res.codes - res.quantized.detach()) ** 2).mean() + res.quantized.square().mean(), res.indices
+
+    compiled = torch.compile(step, fullgraph=True)
+    leaves = [t.clone().requires_grad_() for t in (x, semantic, pixel)]
+    loss, indices = compiled(*leaves)
+    loss.backward()
+    eager_leaves = [t.clone().requires_grad_() for t in (x, semantic, pixel)]
+    eager_loss, eager_indices = step(*eager_leaves)
+    eager_loss.backward()
+    assert torch.equal(indices, eager_indices)
+    torch.testing.assert_close(loss, eager_loss)
+    for a, b in zip(leaves, eager_leaves):
+        torch.testing.assert_close(a.grad, b.grad)
+
+
+def test_bad_input_names_the_problem():
+    x, semantic, pixel = make_problem(4, 8)
+    with pytest.raises(RuntimeError, match="last dim of x is 40 but the codebooks need 32"):
+        tokenflow_ext.quantize(x, semantic)
+    with pytest.raises(RuntimeError, match="pixel_weight must be finite and >= 0"):
+        tokenflow_ext.quantize(x, semantic, pixel, pixel_weight=-1.0)
