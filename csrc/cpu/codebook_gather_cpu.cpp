@@ -9,14 +9,11 @@
 #include <atomic>
 #include <vector>
 
-#include "common/checks.h"
+#include "codebook_gather.h"
 #include "common/row_math.h"
 
 namespace tokenflow_ext {
 namespace {
-
-constexpr const char* kGatherOp = "tokenflow_ext.codebook_gather";
-constexpr const char* kGatherBackwardOp = "tokenflow_ext.codebook_gather_backward";
 
 void check_index_range(const char* op, const int64_t* indices, int64_t N, int64_t K) {
   std::atomic<int64_t> bad{-1};
@@ -54,14 +51,12 @@ void gather_part(const scalar_t* book, int64_t width, const int64_t* indices, in
 at::Tensor codebook_gather_cpu(const at::Tensor& indices, const at::Tensor& semantic_codebook,
                                const std::optional<at::Tensor>& pixel_codebook, bool l2_norm,
                                bool /*deterministic: backward only*/) {
-  const CodebookPair books = check_codebooks(kGatherOp, semantic_codebook, pixel_codebook);
-  const at::Tensor flat = check_indices(kGatherOp, indices, books.semantic);
-  std::vector<int64_t> shape(indices.sizes().begin(), indices.sizes().end());
-  shape.push_back(books.D());
-  at::Tensor out = at::empty(shape, books.semantic.options());
-  const int64_t N = flat.numel();
+  GatherCall call = begin_codebook_gather(indices, semantic_codebook, pixel_codebook);
+  const CodebookPair& books = call.books;
+  at::Tensor& out = call.rows;
+  const int64_t N = call.N;
   if (N == 0) return out;
-  const int64_t* idx = flat.const_data_ptr<int64_t>();
+  const int64_t* idx = call.indices.const_data_ptr<int64_t>();
   check_index_range(kGatherOp, idx, N, books.K);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "codebook_gather_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -130,18 +125,13 @@ std::tuple<at::Tensor, at::Tensor> codebook_gather_backward_cpu(const at::Tensor
                                                                 const at::Tensor& semantic_codebook,
                                                                 const std::optional<at::Tensor>& pixel_codebook,
                                                                 bool l2_norm, bool /*deterministic: always on CPU*/) {
-  const CodebookPair books = check_codebooks(kGatherBackwardOp, semantic_codebook, pixel_codebook);
-  const at::Tensor flat = check_indices(kGatherBackwardOp, indices, books.semantic);
-  check_float_tensor(kGatherBackwardOp, "grad_rows", grad_rows);
-  check_same_device_dtype(kGatherBackwardOp, "grad_rows", grad_rows, "semantic_codebook", books.semantic);
-  TORCH_CHECK(grad_rows.dim() >= 1 && grad_rows.size(-1) == books.D() && grad_rows.numel() == flat.numel() * books.D(),
-              kGatherBackwardOp, ": grad_rows must have shape indices.shape + (", books.D(), ",), got ",
-              grad_rows.sizes(), " for indices of shape ", indices.sizes());
-  const at::Tensor grads = grad_rows.reshape({-1, books.D()}).contiguous();
-  at::Tensor grad_semantic = at::empty_like(books.semantic);
-  at::Tensor grad_pixel = books.has_pixel() ? at::empty_like(books.pixel) : at::empty({0}, books.semantic.options());
-  const int64_t N = flat.numel();
-  const int64_t* idx = flat.const_data_ptr<int64_t>();
+  GatherBackwardCall call = begin_codebook_gather_backward(grad_rows, indices, semantic_codebook, pixel_codebook);
+  const CodebookPair& books = call.books;
+  const at::Tensor& grads = call.grads;
+  at::Tensor& grad_semantic = call.grad_semantic;
+  at::Tensor& grad_pixel = call.grad_pixel;
+  const int64_t N = call.N;
+  const int64_t* idx = call.indices.const_data_ptr<int64_t>();
   check_index_range(kGatherBackwardOp, idx, N, books.K);
   const RowsByCode groups = group_rows_by_code(idx, N, books.K);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grads.scalar_type(), "codebook_gather_backward_cpu", [&] {

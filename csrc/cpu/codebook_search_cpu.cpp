@@ -9,7 +9,7 @@
 #include <limits>
 #include <vector>
 
-#include "common/checks.h"
+#include "codebook_search.h"
 #include "common/row_math.h"
 #include "cpu/prepare_rows_cpu.h"
 
@@ -201,21 +201,17 @@ void exact_min_distance(const acc_t* x_unit, const scalar_t* semantic, const sca
 std::tuple<at::Tensor, at::Tensor> codebook_search_cpu(const at::Tensor& x, const at::Tensor& semantic_codebook,
                                                        const std::optional<at::Tensor>& pixel_codebook,
                                                        double pixel_weight, bool l2_norm) {
-  constexpr const char* op = "tokenflow_ext.codebook_search";
-  const CodebookPair books = check_codebooks(op, semantic_codebook, pixel_codebook);
-  check_pixel_weight(op, pixel_weight);
-  const at::Tensor rows = check_and_flatten_rows(op, x, books);
-  const auto out_shape = x.sizes().slice(0, x.dim() - 1);
-  const at::ScalarType acc_type = accumulate_type_for(x.scalar_type());
-  at::Tensor indices = at::empty(out_shape, x.options().dtype(at::kLong));
-  at::Tensor min_distance = at::empty(out_shape, x.options().dtype(acc_type));
-  const int64_t N = rows.size(0);
-  if (N == 0) return {indices, min_distance};
-
-  const int64_t K = books.K, Ds = books.Ds, Dp = books.Dp, D = books.D();
-  at::Tensor x_unit = at::empty({N, D}, rows.options().dtype(acc_type));
-  at::Tensor codes_weighted = at::empty({K, D}, rows.options().dtype(acc_type));
-  at::Tensor code_bias = at::empty({K}, rows.options().dtype(acc_type));
+  SearchCall call = begin_codebook_search(x, semantic_codebook, pixel_codebook, pixel_weight);
+  if (call.N == 0) return {call.indices, call.min_distance};
+  const CodebookPair& books = call.books;
+  const at::Tensor& rows = call.rows;
+  at::Tensor& indices = call.indices;
+  at::Tensor& min_distance = call.min_distance;
+  const int64_t N = call.N, K = books.K, Ds = books.Ds, Dp = books.Dp, D = books.D();
+  const auto acc_options = rows.options().dtype(call.acc_type);
+  at::Tensor x_unit = at::empty({N, D}, acc_options);
+  at::Tensor codes_weighted = at::empty({K, D}, acc_options);
+  at::Tensor code_bias = at::empty({K}, acc_options);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "codebook_search_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
