@@ -1,0 +1,1 @@
+"""Benchmark harness: the timing helper, the cases of each op family, and the report writers."""

@@ -1,0 +1,246 @@
+"""Benchmark cases of the codebook families: codebook_search, codebook_gather (+ backward), quantize.
+
+Every case checks the fused result against each baseline before timing it; a failed check is reported
+and makes the run fail. Baselines:
+- ``official-eager``: TokenFlow's formulation (two expanded N x K distance matrices, then argmin).
+- ``lean-eager``: one ``addmm`` + ``argmin`` on the concatenated problem ``[x_s, sqrt(w) x_p]`` (one N x K).
+- ``torch.compile``: the lean form compiled by Inductor.
+- ``faiss-cpu``: ``faiss.knn`` (exact L2, k=1) on the same concatenated, pre-normalised arrays (optional).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+import tokenflow_ext
+from tokenflow_ext._parts import normalize_parts
+from tokenflow_ext.reference import (
+    codebook_gather_reference,
+    codebook_search_reference,
+    index_agreement,
+    quantize_reference,
+)
+
+from .timing import peak_extra_memory, time_call
+
+
+@dataclass
+class CodebookProblem:
+    n: int
+    k: int
+    semantic_dim: int = 32
+    pixel_dim: int = 8
+    pixel_weight: float = 0.5
+    dtype: torch.dtype = torch.float32
+    seed: int = 0
+
+    @property
+    def shape(self) -> str:
+        return f"N={self.n} K={self.k} D={self.semantic_dim}+{self.pixel_dim}"
+
+    def nk_bytes(self) -> int:
+        return self.n * self.k * 4
+
+    def tensors(self, device: str):
+        g = torch.Generator().manual_seed(self.seed)
+        x = torch.randn(self.n, self.semantic_dim + self.pixel_dim, generator=g)
+        semantic = torch.randn(self.k, self.semantic_dim, generator=g)
+        pixel = torch.randn(self.k, self.pixel_dim, generator=g) if self.pixel_dim else None
+        move = lambda t: None if t is None else t.to(device=device, dtype=self.dtype)  # noqa: E731
+        return move(x), move(semantic), move(pixel)
+
+
+@dataclass
+class Baseline:
+    name: str
+    make: Callable  # (x, semantic, pixel, pixel_weight) -> zero-argument callable returning indices
+    missing: str | None = None  # why it cannot run here (an uninstalled peer), or None
+    memory_factor: float = 1.0  # N x K matrices it keeps alive at its peak (to skip what cannot fit)
+
+
+def _concatenated(x, semantic, pixel, pixel_weight):
+    """The single-codebook problem with the same argmin: [x_s, sqrt(w) x_p] against [c_s, sqrt(w) c_p]."""
+    semantic_dim = semantic.shape[1]
+    root_w = math.sqrt(pixel_weight)
+    x_hat = normalize_parts(x.float(), semantic_dim)
+    codes = normalize_parts(torch.cat([semantic, pixel], 1).float() if pixel is not None else semantic.float(),
+                            semantic_dim)
+    if pixel is not None:
+        x_hat[:, semantic_dim:] *= root_w
+        codes[:, semantic_dim:] *= root_w
+    return x_hat, codes
+
+
+def lean_concat_search(x, semantic, pixel, pixel_weight):
+    x_hat, codes = _concatenated(x, semantic, pixel, pixel_weight)
+    return torch.addmm((codes * codes).sum(1), x_hat, codes.t(), alpha=-2).argmin(1)
+
+
+def _official(x, semantic, pixel, w):
+    return lambda: codebook_search_reference(x, semantic, pixel, pixel_weight=w)[0]
+
+
+def _lean(x, semantic, pixel, w):
+    return lambda: lean_concat_search(x, semantic, pixel, w)
+
+
+_compiled_lean = None
+
+
+def _compiled(x, semantic, pixel, w):
+    global _compiled_lean
+    if _compiled_lean is None:
+        _compiled_lean = torch.compile(lean_concat_search, dynamic=False)
+    return lambda: _compiled_lean(x, semantic, pixel, w)
+
+
+def _faiss(x, semantic, pixel, w):
+    import faiss  # noqa: PLC0415  (optional peer)
+
+    x_hat, codes = _concatenated(x, semantic, pixel, w)
+    queries, base = x_hat.cpu().numpy(), codes.cpu().numpy()
+    return lambda: torch.from_numpy(faiss.knn(queries, base, 1)[1][:, 0]).to(x.device)
+
+
+def search_baselines(device: str) -> list[Baseline]:
+    has_faiss = importlib.util.find_spec("faiss") is not None
+    baselines = [
+        Baseline("official-eager", _official, memory_factor=6.0),
+        Baseline("lean-eager", _lean, memory_factor=1.0),
+        Baseline("torch.compile", _compiled, memory_factor=1.0),
+    ]
+    if device == "cpu":
+        baselines.append(Baseline("faiss-cpu", _faiss, None if has_faiss else "faiss-cpu not installed",
+                                  memory_factor=0.0))
+    return baselines
+
+
+@dataclass
+class Row:
+    """One line of the report: the fused op against one baseline on one case."""
+
+    family: str
+    shape: str
+    dtype: str
+    device: str
+    baseline: str
+    baseline_ms: float | None
+    ours_ms: float
+    baseline_peak: int | None
+    ours_peak: int | None
+    agreement: str
+    ok: bool
+    note: str = ""
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def speedup(self) -> float | None:
+        return None if self.baseline_ms is None else self.baseline_ms / self.ours_ms
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _available_bytes(device: str) -> int:
+    if device.startswith("cuda"):
+        free, _ = torch.cuda.mem_get_info()
+        return free
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 62
+
+
+def run_search_case(problem: CodebookProblem, device: str, *, repeats: int = 5,
+                    baselines: list[Baseline] | None = None, search=None) -> list[Row]:
+    """Time the fused search and every baseline on one problem; check index agreement first."""
+    search = search or tokenflow_ext.codebook_search
+    x, semantic, pixel = problem.tensors(device)
+    w = problem.pixel_weight
+    fused = lambda: search(x, semantic, pixel, pixel_weight=w)[0]  # noqa: E731
+    ours_peak = peak_extra_memory(fused, device)
+    ours = time_call(fused, device, repeats=repeats)
+    ours_indices = fused()
+    rows = []
+    common = dict(family="codebook_search", shape=problem.shape, dtype=_dtype_name(problem.dtype), device=device)
+    for baseline in baselines if baselines is not None else search_baselines(device):
+        needed = int(baseline.memory_factor * problem.nk_bytes())
+        if baseline.missing or needed > 0.8 * _available_bytes(device):
+            note = baseline.missing or f"skipped: needs about {needed / 2**30:.0f} GiB for its N x K matrices"
+            rows.append(Row(**common, baseline=baseline.name, baseline_ms=None, ours_ms=ours.median_ms,
+                            baseline_peak=None, ours_peak=ours_peak, agreement="-", ok=True, note=note))
+            continue
+        run = baseline.make(x, semantic, pixel, w)
+        their_indices = run()
+        exact, gap, ok = index_agreement(x, semantic, pixel, ours_indices, their_indices, pixel_weight=w,
+                                         tie_tolerance=1e-4 if problem.dtype != torch.float64 else 1e-9)
+        agreement = f"{100 * exact:.2f}%" + ("" if exact == 1.0 else f" (ties, gap {gap:.1e})" if ok else " FAIL")
+        peak = peak_extra_memory(run, device)
+        timing = time_call(run, device, repeats=repeats)
+        rows.append(Row(**common, baseline=baseline.name, baseline_ms=timing.median_ms, ours_ms=ours.median_ms,
+                        baseline_peak=peak, ours_peak=ours_peak, agreement=agreement, ok=ok))
+    return rows
+
+
+def run_gather_case(problem: CodebookProblem, device: str, *, repeats: int = 5) -> list[Row]:
+    """codebook_gather forward + backward (both codebooks, l2-normalised) against torch indexing + autograd."""
+    _, semantic, pixel = problem.tensors(device)
+    g = torch.Generator().manual_seed(problem.seed + 1)
+    indices = torch.randint(0, problem.k, (problem.n,), generator=g).to(device)
+    upstream = torch.randn(problem.n, problem.semantic_dim + problem.pixel_dim, generator=g).to(device, problem.dtype)
+
+    def step(gather):
+        leaves = [semantic.detach().requires_grad_(), pixel.detach().requires_grad_()]
+        rows = gather(indices, *leaves)
+        grads = torch.autograd.grad(rows, leaves, upstream)
+        return rows, grads
+
+    ours_fn = lambda: step(tokenflow_ext.codebook_gather)  # noqa: E731
+    eager_fn = lambda: step(codebook_gather_reference)  # noqa: E731
+    (rows_a, grads_a), (rows_b, grads_b) = ours_fn(), eager_fn()
+    ok = torch.allclose(rows_a, rows_b, atol=1e-5) and all(
+        torch.allclose(a, b, atol=1e-4, rtol=1e-4) for a, b in zip(grads_a, grads_b))
+    ours_peak, eager_peak = peak_extra_memory(ours_fn, device), peak_extra_memory(eager_fn, device)
+    ours, eager = time_call(ours_fn, device, repeats=repeats), time_call(eager_fn, device, repeats=repeats)
+    return [Row(family="codebook_gather fwd+bwd", shape=f"N={problem.n} K={problem.k} D={problem.semantic_dim}"
+                f"+{problem.pixel_dim}", dtype=_dtype_name(problem.dtype), device=device, baseline="eager-index",
+                baseline_ms=eager.median_ms, ours_ms=ours.median_ms, baseline_peak=eager_peak, ours_peak=ours_peak,
+                agreement="values match" if ok else "FAIL", ok=ok)]
+
+
+def run_quantize_case(problem: CodebookProblem, device: str, *, repeats: int = 3) -> list[Row]:
+    """quantize() forward + backward (vq + commitment losses) against the official eager quantizer."""
+    x, semantic, pixel = problem.tensors(device)
+    w = problem.pixel_weight
+
+    def step(quantize_fn):
+        leaves = [t.detach().requires_grad_() for t in (x, semantic, pixel)]
+        out = quantize_fn(*leaves)
+        indices, codes, quantized = out[0], out[1], out[2]
+        x_hat = normalize_parts(leaves[0], problem.semantic_dim)
+        loss = ((codes - x_hat.detach()) ** 2).mean() + 0.25 * ((codes.detach() - x_hat) ** 2).mean()
+        loss = loss + quantized.square().mean()
+        return indices, torch.autograd.grad(loss, leaves)
+
+    ours_fn = lambda: step(lambda a, b, c: tokenflow_ext.quantize(a, b, c, pixel_weight=w))  # noqa: E731
+    eager_fn = lambda: step(lambda a, b, c: quantize_reference(a, b, c, pixel_weight=w))  # noqa: E731
+    (idx_a, grads_a), (idx_b, grads_b) = ours_fn(), eager_fn()
+    exact, gap, ok = index_agreement(x, semantic, pixel, idx_a, idx_b, pixel_weight=w)
+    if exact == 1.0:
+        ok = ok and all(torch.allclose(a, b, atol=1e-5, rtol=1e-4) for a, b in zip(grads_a, grads_b))
+    ours_peak, eager_peak = peak_extra_memory(ours_fn, device), peak_extra_memory(eager_fn, device)
+    ours, eager = time_call(ours_fn, device, repeats=repeats), time_call(eager_fn, device, repeats=repeats)
+    return [Row(family="quantize fwd+bwd", shape=problem.shape, dtype=_dtype_name(problem.dtype), device=device,
+                baseline="official-eager", baseline_ms=eager.median_ms, ours_ms=ours.median_ms,
+                baseline_peak=eager_peak, ours_peak=ours_peak,
+                agreement=f"{100 * exact:.2f}%" + ("" if ok else " FAIL"), ok=ok)]
