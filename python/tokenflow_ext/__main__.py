@@ -13,6 +13,7 @@ import torch
 import tokenflow_ext
 
 PEERS = ["faiss", "flow_matching", "torchdiffeq", "matplotlib"]
+FAMILIES = ["search", "gather", "quantize"]
 
 
 def _sizes(mode: str):
@@ -35,6 +36,10 @@ def bench(args) -> int:
     from .bench import codebook, report  # noqa: PLC0415
     from .bench.timing import machine_description  # noqa: PLC0415
 
+    unknown = sorted(set(args.families) - set(FAMILIES))
+    if unknown:
+        print(f"bench: unknown families {unknown}; choose from {FAMILIES}", file=sys.stderr)
+        return 2
     devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
     if "cuda" in devices and not (torch.cuda.is_available() and tokenflow_ext.build_info()["with_cuda"]):
         if args.device == "cuda":
@@ -47,7 +52,7 @@ def bench(args) -> int:
     machines = []
     for device in devices:
         machines.append(machine_description(device))
-        cases = _sizes(args.mode)
+        cases = [(family, problem) for family, problem in _sizes(args.mode) if family in args.families]
         for number, (family, problem) in enumerate(cases, 1):
             print(f"[{device} {number}/{len(cases)}] {family} {problem.shape} ...", file=sys.stderr, flush=True)
             rows += runners[family](problem, device, repeats=args.repeats)
@@ -88,6 +93,8 @@ def main(argv=None) -> int:
     b.set_defaults(mode="default")
     b.add_argument("--device", choices=["cpu", "cuda", "all"], default="all")
     b.add_argument("--repeats", type=int, default=5)
+    b.add_argument("--families", type=lambda s: [f.strip() for f in s.split(",")], default=FAMILIES,
+                   help=f"comma-separated subset of {','.join(FAMILIES)}")
     b.add_argument("--markdown", metavar="PATH")
     b.add_argument("--json", metavar="PATH")
     b.set_defaults(func=bench)

@@ -1,0 +1,43 @@
+import json
+
+import torch
+
+import tokenflow_ext
+from tokenflow_ext.__main__ import main
+
+
+def test_bench_quick_writes_json_and_markdown(tmp_path, capsys):
+    json_path, md_path = tmp_path / "r.json", tmp_path / "r.md"
+    status = main(["bench", "--quick", "--device", "cpu", "--repeats", "3", "--families", "search,gather",
+                   "--json", str(json_path), "--markdown", str(md_path)])
+    assert status == 0
+    payload = json.loads(json_path.read_text())
+    families = {row["family"] for row in payload["rows"]}
+    assert families == {"codebook_search", "codebook_gather fwd+bwd"}
+    baselines = {row["baseline"] for row in payload["rows"] if row["family"] == "codebook_search"}
+    assert {"official-eager", "lean-eager", "torch.compile"} <= baselines
+    for row in payload["rows"]:
+        assert row["ok"] and row["ours_ms"] > 0
+    assert payload["machine"] and payload["date"]
+    markdown = md_path.read_text()
+    assert markdown.startswith("# tokenflow_ext benchmark:") and "| codebook_search |" in markdown
+    assert "speedup" in capsys.readouterr().out
+
+
+def test_bench_fails_when_a_kernel_is_wrong(monkeypatch, capsys):
+    real_search = tokenflow_ext.codebook_search
+
+    def broken_search(x, *args, **kwargs):
+        indices, distance = real_search(x, *args, **kwargs)
+        return (indices + 1) % 4096, distance  # every index off by one
+
+    monkeypatch.setattr(tokenflow_ext, "codebook_search", broken_search)
+    status = main(["bench", "--quick", "--device", "cpu", "--repeats", "1", "--families", "search"])
+    assert status == 1
+    assert "CHECK FAILED" in capsys.readouterr().err
+
+
+def test_info_lists_build_and_peers(capsys):
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert f"torch_runtime: {torch.__version__}" in out and "with_cuda:" in out and "peer faiss:" in out
