@@ -11,7 +11,7 @@
 
 #include "codebook_search.h"
 #include "common/row_math.h"
-#include "cpu/prepare_rows_cpu.h"
+#include "common/codebook_rows.h"
 
 namespace tokenflow_ext {
 namespace {
@@ -88,7 +88,7 @@ int64_t first_column_equal(const T* scores, int64_t cols, T value) {
   return 0;  // unreachable: value was read from scores
 }
 
-// Raw-pointer view of one search problem (all rows prepared, see prepare_rows_cpu.h).
+// Raw-pointer view of one search problem (all rows prepared, see prepare_code_row).
 template <typename acc_t>
 struct SearchParams {
   int64_t N, K, D;
@@ -167,33 +167,30 @@ void run_tiled_search(const at::Tensor& x_unit, const at::Tensor& codes_weighted
   });
 }
 
-// min_distance(n) = sum_s (x_s - c_s)^2 + w * sum_p (x_p - c_p)^2 for the chosen code, computed directly
-// (not from the expanded score, which loses precision by cancellation and can go negative).
+// For each of `rows` rows: out(r) = [v_s, pixel_scale v_p], bias(r) = ||v_s||^2 + pixel_weight ||v_p||^2
+// (see prepare_code_row); rows are read with the given row strides, `pixel` may be null.
+template <typename scalar_t, typename acc_t>
+void prepare_rows(const scalar_t* semantic, int64_t semantic_stride, const scalar_t* pixel, int64_t pixel_stride,
+                  int64_t rows, int64_t Ds, int64_t Dp, bool l2_norm, acc_t pixel_scale, acc_t pixel_weight, acc_t* out,
+                  acc_t* bias) {
+  at::parallel_for(0, rows, 2048, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const acc_t row_bias = prepare_code_row<scalar_t, acc_t>(
+          semantic + r * semantic_stride, pixel == nullptr ? nullptr : pixel + r * pixel_stride, Ds, Dp, l2_norm,
+          pixel_scale, pixel_weight, out + r * (Ds + Dp));
+      if (bias != nullptr) bias[r] = row_bias;
+    }
+  });
+}
+
+// min_distance(n) = d(n, indices(n)) from differences (the expanded score loses precision by cancellation).
 template <typename scalar_t, typename acc_t>
 void exact_min_distance(const acc_t* x_unit, const scalar_t* semantic, const scalar_t* pixel, const int64_t* indices,
                         int64_t N, int64_t Ds, int64_t Dp, bool l2_norm, acc_t pixel_weight, acc_t* out) {
-  const int64_t D = Ds + Dp;
   at::parallel_for(0, N, 2048, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
-      const acc_t* xr = x_unit + n * D;
-      const int64_t k = indices[n];
-      const scalar_t* cs = semantic + k * Ds;
-      const acc_t den_s = normalize_denominator<acc_t>(squared_norm<acc_t>(cs, Ds), l2_norm);
-      acc_t dist_s = 0;
-      for (int64_t j = 0; j < Ds; ++j) {
-        const acc_t diff = xr[j] - static_cast<acc_t>(cs[j]) / den_s;
-        dist_s += diff * diff;
-      }
-      acc_t dist_p = 0;
-      if (pixel != nullptr) {
-        const scalar_t* cp = pixel + k * Dp;
-        const acc_t den_p = normalize_denominator<acc_t>(squared_norm<acc_t>(cp, Dp), l2_norm);
-        for (int64_t j = 0; j < Dp; ++j) {
-          const acc_t diff = xr[Ds + j] - static_cast<acc_t>(cp[j]) / den_p;
-          dist_p += diff * diff;
-        }
-      }
-      out[n] = dist_s + pixel_weight * dist_p;
+      out[n] = exact_code_distance<scalar_t, acc_t>(x_unit + n * (Ds + Dp), semantic, pixel, indices[n], Ds, Dp,
+                                                    l2_norm, pixel_weight);
     }
   });
 }
@@ -221,9 +218,10 @@ std::tuple<at::Tensor, at::Tensor> codebook_search_cpu(const at::Tensor& x, cons
     const scalar_t* pix_ptr = books.has_pixel() ? books.pixel.const_data_ptr<scalar_t>() : nullptr;
     // x_unit = [x_s, x_p] (normalised); codes_weighted = [c_s, w * c_p] so one D-wide dot gives
     // x_s.c_s + w x_p.c_p; code_bias = ||c_s||^2 + w ||c_p||^2 (real norms: zero rows stay zero).
-    prepare_rows_cpu<scalar_t, acc_t>(x_ptr, D, Dp > 0 ? x_ptr + Ds : nullptr, D, N, Ds, Dp, l2_norm, acc_t(1), acc_t(0), x_unit.data_ptr<acc_t>(), nullptr);
-    prepare_rows_cpu<scalar_t, acc_t>(sem_ptr, Ds, pix_ptr, Dp, K, Ds, Dp, l2_norm, w, w,
-                                      codes_weighted.data_ptr<acc_t>(), code_bias.data_ptr<acc_t>());
+    prepare_rows<scalar_t, acc_t>(x_ptr, D, Dp > 0 ? x_ptr + Ds : nullptr, D, N, Ds, Dp, l2_norm, acc_t(1), acc_t(0),
+                                  x_unit.data_ptr<acc_t>(), nullptr);
+    prepare_rows<scalar_t, acc_t>(sem_ptr, Ds, pix_ptr, Dp, K, Ds, Dp, l2_norm, w, w,
+                                  codes_weighted.data_ptr<acc_t>(), code_bias.data_ptr<acc_t>());
     const SearchParams<acc_t> params{N, K, D, code_bias.const_data_ptr<acc_t>()};
     int64_t* idx_ptr = indices.data_ptr<int64_t>();
     run_tiled_search<acc_t>(x_unit, codes_weighted, params, idx_ptr);

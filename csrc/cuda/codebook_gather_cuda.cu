@@ -63,6 +63,12 @@ __global__ void scatter_add_atomic_kernel(const scalar_t* __restrict__ grads, co
   }
 }
 
+// The sorted indices must lie in [0, K): their two ends are the only candidates to fall outside.
+__global__ void check_sorted_range_kernel(const int64_t* __restrict__ sorted, int64_t N, int64_t K) {
+  CUDA_KERNEL_ASSERT(sorted[0] >= 0 && sorted[N - 1] < K &&
+                     "tokenflow_ext.codebook_gather_backward: index out of range [0, K)");
+}
+
 // accum(k, c) = sum over the rows of code k, in increasing n (order = stable argsort of the indices,
 // offsets(k) = first sorted position holding k): a fixed summation order, hence bitwise reproducible.
 template <typename scalar_t, typename acc_t>
@@ -162,6 +168,8 @@ std::tuple<at::Tensor, at::Tensor> codebook_gather_backward_cuda(const at::Tenso
     if (N > 0 && deterministic) {
       // Stable sort keeps rows of equal index in increasing n; searchsorted gives segment starts, no host sync.
       const auto [sorted, order] = at::sort(call.indices, /*stable=*/true, /*dim=*/0, /*descending=*/false);
+      check_sorted_range_kernel<<<1, 1, 0, stream>>>(sorted.const_data_ptr<int64_t>(), N, K);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
       const at::Tensor offsets = at::searchsorted(sorted, at::arange(K + 1, call.indices.options()));
       segment_sum_kernel<scalar_t, acc_t><<<grid_stride_blocks(K * kWarpSize, kThreads), kThreads, 0, stream>>>(
           grads, order.const_data_ptr<int64_t>(), offsets.const_data_ptr<int64_t>(), K, D, accum.data_ptr<acc_t>());

@@ -8,7 +8,7 @@
 #include <limits>
 
 #include "codebook_search.h"
-#include "common/row_math.h"
+#include "common/codebook_rows.h"
 #include "cuda/cuda_common.cuh"
 
 namespace tokenflow_ext {
@@ -29,29 +29,13 @@ __global__ void prepare_rows_kernel(const scalar_t* __restrict__ semantic, int64
                                     const scalar_t* __restrict__ pixel, int64_t pixel_stride, int64_t rows, int Ds,
                                     int Dp, bool l2_norm, acc_t pixel_scale, acc_t pixel_weight, acc_t* __restrict__ out,
                                     acc_t* __restrict__ bias) {
-  const int D = Ds + Dp;
   for (int64_t r = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; r < rows;
        r += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const scalar_t* s = semantic + r * semantic_stride;
-    acc_t* dst = out + r * D;
-    const acc_t den_s = normalize_denominator<acc_t>(squared_norm<acc_t>(s, Ds), l2_norm);
-    acc_t sq_s = 0;
-    for (int j = 0; j < Ds; ++j) {
-      const acc_t v = static_cast<acc_t>(s[j]) / den_s;
-      dst[j] = v;
-      sq_s += v * v;
-    }
-    acc_t sq_p = 0;
-    if (pixel != nullptr) {
-      const scalar_t* p = pixel + r * pixel_stride;
-      const acc_t den_p = normalize_denominator<acc_t>(squared_norm<acc_t>(p, Dp), l2_norm);
-      for (int j = 0; j < Dp; ++j) {
-        const acc_t v = static_cast<acc_t>(p[j]) / den_p;
-        dst[Ds + j] = pixel_scale * v;
-        sq_p += v * v;
-      }
-    }
-    if (bias != nullptr) bias[r] = sq_s + pixel_weight * sq_p;
+    const acc_t row_bias = prepare_code_row<scalar_t, acc_t>(semantic + r * semantic_stride,
+                                                             pixel == nullptr ? nullptr : pixel + r * pixel_stride, Ds,
+                                                             Dp, l2_norm, pixel_scale, pixel_weight,
+                                                             out + r * (Ds + Dp));
+    if (bias != nullptr) bias[r] = row_bias;
   }
 }
 
@@ -200,28 +184,10 @@ __global__ void exact_min_distance_kernel(const acc_t* __restrict__ x_unit, cons
                                           const scalar_t* __restrict__ pixel, const int64_t* __restrict__ indices,
                                           int64_t N, int Ds, int Dp, bool l2_norm, acc_t pixel_weight,
                                           acc_t* __restrict__ out) {
-  const int D = Ds + Dp;
   for (int64_t n = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; n < N;
        n += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const acc_t* xr = x_unit + n * D;
-    const int64_t k = indices[n];
-    const scalar_t* cs = semantic + k * Ds;
-    const acc_t den_s = normalize_denominator<acc_t>(squared_norm<acc_t>(cs, Ds), l2_norm);
-    acc_t dist_s = 0;
-    for (int j = 0; j < Ds; ++j) {
-      const acc_t diff = xr[j] - static_cast<acc_t>(cs[j]) / den_s;
-      dist_s += diff * diff;
-    }
-    acc_t dist_p = 0;
-    if (pixel != nullptr) {
-      const scalar_t* cp = pixel + k * Dp;
-      const acc_t den_p = normalize_denominator<acc_t>(squared_norm<acc_t>(cp, Dp), l2_norm);
-      for (int j = 0; j < Dp; ++j) {
-        const acc_t diff = xr[Ds + j] - static_cast<acc_t>(cp[j]) / den_p;
-        dist_p += diff * diff;
-      }
-    }
-    out[n] = dist_s + pixel_weight * dist_p;
+    out[n] = exact_code_distance<scalar_t, acc_t>(x_unit + n * (Ds + Dp), semantic, pixel, indices[n], Ds, Dp,
+                                                  l2_norm, pixel_weight);
   }
 }
 
