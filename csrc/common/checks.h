@@ -6,7 +6,22 @@
 #include <optional>
 #include <string>
 
+// Every op takes float32, float16, bfloat16 and float64.
+#define TFX_DISPATCH_FLOATS(TYPE, NAME, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
+
 namespace tokenflow_ext {
+
+// Data pointer of an optional input or output: null when undefined or empty (kernels read that as "absent").
+template <typename scalar_t>
+const scalar_t* maybe_ptr(const at::Tensor& t) {
+  return t.defined() && t.numel() > 0 ? t.const_data_ptr<scalar_t>() : nullptr;
+}
+
+template <typename scalar_t>
+scalar_t* maybe_mutable_ptr(at::Tensor& t) {
+  return t.defined() && t.numel() > 0 ? t.data_ptr<scalar_t>() : nullptr;
+}
 
 inline bool is_supported_float(at::ScalarType t) {
   return t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || t == at::kDouble;

@@ -58,7 +58,7 @@ at::Tensor codebook_gather_cpu(const at::Tensor& indices, const at::Tensor& sema
   if (N == 0) return out;
   const int64_t* idx = call.indices.const_data_ptr<int64_t>();
   check_index_range(kGatherOp, idx, N, books.K);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "codebook_gather_cpu", [&] {
+  TFX_DISPATCH_FLOATS(out.scalar_type(), "codebook_gather_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     scalar_t* out_ptr = out.data_ptr<scalar_t>();
     gather_part<scalar_t, acc_t>(books.semantic.const_data_ptr<scalar_t>(), books.Ds, idx, N, l2_norm, out_ptr,
@@ -134,7 +134,7 @@ std::tuple<at::Tensor, at::Tensor> codebook_gather_backward_cpu(const at::Tensor
   const int64_t* idx = call.indices.const_data_ptr<int64_t>();
   check_index_range(kGatherBackwardOp, idx, N, books.K);
   const RowsByCode groups = group_rows_by_code(idx, N, books.K);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grads.scalar_type(), "codebook_gather_backward_cpu", [&] {
+  TFX_DISPATCH_FLOATS(grads.scalar_type(), "codebook_gather_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* g = grads.const_data_ptr<scalar_t>();
     scatter_part_backward<scalar_t, acc_t>(g, books.D(), 0, books.semantic.const_data_ptr<scalar_t>(), books.Ds,

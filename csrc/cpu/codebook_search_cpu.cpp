@@ -210,7 +210,7 @@ std::tuple<at::Tensor, at::Tensor> codebook_search_cpu(const at::Tensor& x, cons
   at::Tensor codes_weighted = at::empty({K, D}, acc_options);
   at::Tensor code_bias = at::empty({K}, acc_options);
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "codebook_search_cpu", [&] {
+  TFX_DISPATCH_FLOATS(x.scalar_type(), "codebook_search_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const acc_t w = static_cast<acc_t>(pixel_weight);
     const scalar_t* x_ptr = rows.const_data_ptr<scalar_t>();

@@ -136,7 +136,7 @@ at::Tensor codebook_gather_cuda(const at::Tensor& indices, const at::Tensor& sem
   const c10::cuda::CUDAGuard guard(semantic_codebook.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(semantic_codebook.device().index()).stream();
   const CodebookPair& books = call.books;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, call.rows.scalar_type(), "codebook_gather_cuda", [&] {
+  TFX_DISPATCH_FLOATS(call.rows.scalar_type(), "codebook_gather_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     gather_kernel<scalar_t, acc_t><<<grid_stride_blocks(call.N * kWarpSize, kThreads), kThreads, 0, stream>>>(
         call.indices.const_data_ptr<int64_t>(), books.semantic.const_data_ptr<scalar_t>(),
@@ -161,7 +161,7 @@ std::tuple<at::Tensor, at::Tensor> codebook_gather_backward_cuda(const at::Tenso
   const at::ScalarType acc_type = accumulate_type_for(call.grads.scalar_type());
   at::Tensor accum = at::zeros({K, D}, call.grads.options().dtype(acc_type));
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, call.grads.scalar_type(), "codebook_gather_backward_cuda",
+  TFX_DISPATCH_FLOATS(call.grads.scalar_type(), "codebook_gather_backward_cuda",
                                   [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* grads = call.grads.const_data_ptr<scalar_t>();

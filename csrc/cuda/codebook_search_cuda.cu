@@ -217,7 +217,7 @@ std::tuple<at::Tensor, at::Tensor> codebook_search_cuda(const at::Tensor& x, con
   at::Tensor split_score = at::empty({used_splits, N}, acc_options);
   at::Tensor split_index = at::empty({used_splits, N}, call.indices.options());
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "codebook_search_cuda", [&] {
+  TFX_DISPATCH_FLOATS(x.scalar_type(), "codebook_search_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const acc_t w = static_cast<acc_t>(pixel_weight);
     const scalar_t* x_ptr = call.rows.const_data_ptr<scalar_t>();

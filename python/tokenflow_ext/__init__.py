@@ -7,6 +7,7 @@ Public API::
                                               l2_norm=True)
     rows = tokenflow_ext.codebook_gather(idx, semantic_codebook, pixel_codebook=None, *, l2_norm=True)
     tokenflow_ext.build_info()
+    from tokenflow_ext import flow    # flow-matching ops, loss and sampler (FlowTok)
 
 The ops are also reachable as ``torch.ops.tokenflow_ext.*`` (they work under ``torch.compile``).
 """
@@ -14,10 +15,11 @@ The ops are also reachable as ``torch.ops.tokenflow_ext.*`` (they work under ``t
 import torch  # noqa: F401  (loads libtorch before the extension)
 
 from . import _C  # noqa: F401  (registers the ops with the dispatcher)
+from . import flow
 from ._build import build_info
 from .ops import codebook_gather, codebook_search
 from .quantize import QuantizeResult, quantize
 
 __version__ = _C.__version__
 
-__all__ = ["QuantizeResult", "build_info", "codebook_gather", "codebook_search", "quantize", "__version__"]
+__all__ = ["QuantizeResult", "build_info", "flow", "codebook_gather", "codebook_search", "quantize", "__version__"]

@@ -7,8 +7,13 @@ from .codebook import (
     index_agreement,
     quantize_reference,
 )
+from .flow import euler_step_reference, interpolate_reference, matching_loss_reference, sample_reference
 
 __all__ = [
+    "euler_step_reference",
+    "interpolate_reference",
+    "matching_loss_reference",
+    "sample_reference",
     "codebook_distances",
     "codebook_gather_reference",
     "codebook_search_reference",

@@ -1,0 +1,229 @@
+// CPU flow_step kernels: one pass over the data per op, per-sample coefficients hoisted out of the
+// inner loop, fp32 arithmetic (fp64 for fp64 inputs), per-sample loss sums in fp64 partial sums.
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+
+#include "flow_step.h"
+
+namespace tokenflow_ext {
+namespace {
+
+constexpr int64_t kElementsPerTask = 1 << 15;
+
+// Run fn(b) over samples, in chunks of about kElementsPerTask elements.
+template <typename Fn>
+void for_each_sample(const FlowBatch& batch, const Fn& fn) {
+  const int64_t grain = std::max<int64_t>(1, kElementsPerTask / std::max<int64_t>(1, batch.M));
+  at::parallel_for(0, batch.B, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) fn(b);
+  });
+}
+
+template <typename scalar_t, typename acc_t>
+void interpolate_kernel(const scalar_t* x0, const scalar_t* x1, const acc_t* t, FlowBatch batch, acc_t sigma_min,
+                        scalar_t* x_t, scalar_t* v_target) {
+  const acc_t keep = acc_t(1) - sigma_min;
+  for_each_sample(batch, [&](int64_t b) {
+    const acc_t tb = t[b];
+    const acc_t a = acc_t(1) - keep * tb;
+    const int64_t offset = b * batch.M;
+    for (int64_t m = offset; m < offset + batch.M; ++m) {
+      const acc_t source = static_cast<acc_t>(x0[m]);
+      const acc_t target = static_cast<acc_t>(x1[m]);
+      x_t[m] = static_cast<scalar_t>(a * source + tb * target);
+      v_target[m] = static_cast<scalar_t>(target - keep * source);
+    }
+  });
+}
+
+// grad_x0 = a(t) g_xt - (1 - sigma) g_v;  grad_x1 = t g_xt + g_v  (null gradient pointers read as zero)
+template <typename scalar_t, typename acc_t>
+void interpolate_backward_kernel(const scalar_t* grad_xt, const scalar_t* grad_v, const acc_t* t, FlowBatch batch,
+                                 acc_t sigma_min, scalar_t* grad_x0, scalar_t* grad_x1) {
+  const acc_t keep = acc_t(1) - sigma_min;
+  for_each_sample(batch, [&](int64_t b) {
+    const acc_t tb = t[b];
+    const acc_t a = acc_t(1) - keep * tb;
+    const int64_t offset = b * batch.M;
+    for (int64_t m = offset; m < offset + batch.M; ++m) {
+      const acc_t g_xt = grad_xt != nullptr ? static_cast<acc_t>(grad_xt[m]) : acc_t(0);
+      const acc_t g_v = grad_v != nullptr ? static_cast<acc_t>(grad_v[m]) : acc_t(0);
+      if (grad_x0 != nullptr) grad_x0[m] = static_cast<scalar_t>(a * g_xt - keep * g_v);
+      if (grad_x1 != nullptr) grad_x1[m] = static_cast<scalar_t>(tb * g_xt + g_v);
+    }
+  });
+}
+
+template <typename scalar_t, typename acc_t>
+void matching_loss_kernel(const scalar_t* v_pred, const scalar_t* x0, const scalar_t* x1, FlowBatch batch,
+                          acc_t sigma_min, acc_t* loss) {
+  const acc_t keep = acc_t(1) - sigma_min;
+  for_each_sample(batch, [&](int64_t b) {
+    const int64_t offset = b * batch.M;
+    double partial[4] = {0, 0, 0, 0};  // fixed-order partial sums: deterministic and accurate for large M
+    int64_t m = 0;
+    for (; m + 4 <= batch.M; m += 4) {
+      for (int lane = 0; lane < 4; ++lane) {
+        const int64_t e = offset + m + lane;
+        const acc_t r = static_cast<acc_t>(v_pred[e]) - (static_cast<acc_t>(x1[e]) - keep * static_cast<acc_t>(x0[e]));
+        partial[lane] += static_cast<double>(r * r);
+      }
+    }
+    for (; m < batch.M; ++m) {
+      const int64_t e = offset + m;
+      const acc_t r = static_cast<acc_t>(v_pred[e]) - (static_cast<acc_t>(x1[e]) - keep * static_cast<acc_t>(x0[e]));
+      partial[0] += static_cast<double>(r * r);
+    }
+    const double sum = (partial[0] + partial[1]) + (partial[2] + partial[3]);
+    loss[b] = static_cast<acc_t>(sum / static_cast<double>(batch.M));
+  });
+}
+
+// r = v_pred - v_target, g = grad_loss(b) 2 / M: grad_v_pred = g r, grad_x0 = (1 - sigma) g r, grad_x1 = -g r
+template <typename scalar_t, typename acc_t>
+void matching_loss_backward_kernel(const acc_t* grad_loss, const scalar_t* v_pred, const scalar_t* x0,
+                                   const scalar_t* x1, FlowBatch batch, acc_t sigma_min, scalar_t* grad_v_pred,
+                                   scalar_t* grad_x0, scalar_t* grad_x1) {
+  const acc_t keep = acc_t(1) - sigma_min;
+  const acc_t per_element = acc_t(2) / static_cast<acc_t>(batch.M);
+  for_each_sample(batch, [&](int64_t b) {
+    const acc_t g = grad_loss[b] * per_element;
+    const int64_t offset = b * batch.M;
+    for (int64_t e = offset; e < offset + batch.M; ++e) {
+      const acc_t r = static_cast<acc_t>(v_pred[e]) - (static_cast<acc_t>(x1[e]) - keep * static_cast<acc_t>(x0[e]));
+      const acc_t gr = g * r;
+      grad_v_pred[e] = static_cast<scalar_t>(gr);
+      if (grad_x0 != nullptr) grad_x0[e] = static_cast<scalar_t>(keep * gr);
+      if (grad_x1 != nullptr) grad_x1[e] = static_cast<scalar_t>(-gr);
+    }
+  });
+}
+
+// out = x + dt (v_u + s (v_c - v_u)), or x + dt v_c without guidance. out may alias x.
+template <typename scalar_t, typename acc_t>
+void euler_kernel(const scalar_t* x, const scalar_t* v_cond, const scalar_t* v_uncond, int64_t count, acc_t dt,
+                  acc_t scale, scalar_t* out) {
+  at::parallel_for(0, count, kElementsPerTask, [&](int64_t begin, int64_t end) {
+    if (v_uncond == nullptr) {
+      for (int64_t e = begin; e < end; ++e) {
+        out[e] = static_cast<scalar_t>(static_cast<acc_t>(x[e]) + dt * static_cast<acc_t>(v_cond[e]));
+      }
+      return;
+    }
+    for (int64_t e = begin; e < end; ++e) {
+      const acc_t vu = static_cast<acc_t>(v_uncond[e]);
+      const acc_t v = vu + scale * (static_cast<acc_t>(v_cond[e]) - vu);
+      out[e] = static_cast<scalar_t>(static_cast<acc_t>(x[e]) + dt * v);
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> flow_interpolate_cpu(const at::Tensor& x0, const at::Tensor& x1, const at::Tensor& t,
+                                                        double sigma_min) {
+  InterpolateCall call = begin_flow_interpolate(x0, x1, t, sigma_min);
+  TFX_DISPATCH_FLOATS(x0.scalar_type(), "flow_interpolate_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    interpolate_kernel<scalar_t, acc_t>(call.x0.const_data_ptr<scalar_t>(), call.x1.const_data_ptr<scalar_t>(),
+                                        call.t.const_data_ptr<acc_t>(), call.batch, static_cast<acc_t>(sigma_min),
+                                        call.x_t.data_ptr<scalar_t>(), call.v_target.data_ptr<scalar_t>());
+  });
+  return {call.x_t, call.v_target};
+}
+
+std::tuple<at::Tensor, at::Tensor> flow_interpolate_backward_cpu(const std::optional<at::Tensor>& grad_x_t,
+                                                                 const std::optional<at::Tensor>& grad_v_target,
+                                                                 const at::Tensor& t, double sigma_min,
+                                                                 bool x0_needs_grad, bool x1_needs_grad) {
+  InterpolateBackwardCall call =
+      begin_flow_interpolate_backward(grad_x_t, grad_v_target, t, sigma_min, x0_needs_grad, x1_needs_grad);
+  const at::Tensor& ref = call.grad_x_t.defined() ? call.grad_x_t : call.grad_v_target;
+  TFX_DISPATCH_FLOATS(ref.scalar_type(), "flow_interpolate_backward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    interpolate_backward_kernel<scalar_t, acc_t>(
+        maybe_ptr<scalar_t>(call.grad_x_t), maybe_ptr<scalar_t>(call.grad_v_target), call.t.const_data_ptr<acc_t>(),
+        call.batch, static_cast<acc_t>(sigma_min), maybe_mutable_ptr<scalar_t>(call.grad_x0),
+        maybe_mutable_ptr<scalar_t>(call.grad_x1));
+  });
+  return {call.grad_x0, call.grad_x1};
+}
+
+at::Tensor flow_matching_loss_cpu(const at::Tensor& v_pred, const at::Tensor& x0, const at::Tensor& x1,
+                                  double sigma_min) {
+  MatchingLossCall call = begin_flow_matching_loss("tokenflow_ext.flow_matching_loss", v_pred, x0, x1, sigma_min);
+  TFX_DISPATCH_FLOATS(v_pred.scalar_type(), "flow_matching_loss_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    matching_loss_kernel<scalar_t, acc_t>(call.v_pred.const_data_ptr<scalar_t>(), call.x0.const_data_ptr<scalar_t>(),
+                                          call.x1.const_data_ptr<scalar_t>(), call.batch,
+                                          static_cast<acc_t>(sigma_min), call.loss.data_ptr<acc_t>());
+  });
+  return call.loss;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> flow_matching_loss_backward_cpu(
+    const at::Tensor& grad_loss, const at::Tensor& v_pred, const at::Tensor& x0, const at::Tensor& x1,
+    double sigma_min, bool x0_needs_grad, bool x1_needs_grad) {
+  constexpr const char* op = "tokenflow_ext.flow_matching_loss_backward";
+  MatchingLossCall call = begin_flow_matching_loss(op, v_pred, x0, x1, sigma_min);
+  const at::Tensor grads = check_grad_loss(op, grad_loss, v_pred, call.batch.B);
+  at::Tensor grad_v_pred = at::empty_like(call.v_pred);
+  const auto empty = at::empty({0}, v_pred.options());
+  at::Tensor grad_x0 = x0_needs_grad ? at::empty_like(call.x0) : empty;
+  at::Tensor grad_x1 = x1_needs_grad ? at::empty_like(call.x1) : empty;
+  TFX_DISPATCH_FLOATS(v_pred.scalar_type(), "flow_matching_loss_backward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    matching_loss_backward_kernel<scalar_t, acc_t>(
+        grads.const_data_ptr<acc_t>(), call.v_pred.const_data_ptr<scalar_t>(), call.x0.const_data_ptr<scalar_t>(),
+        call.x1.const_data_ptr<scalar_t>(), call.batch, static_cast<acc_t>(sigma_min),
+        grad_v_pred.data_ptr<scalar_t>(), maybe_mutable_ptr<scalar_t>(grad_x0), maybe_mutable_ptr<scalar_t>(grad_x1));
+  });
+  return {grad_v_pred, grad_x0, grad_x1};
+}
+
+void run_euler_cpu(const EulerCall& call, double dt, double guidance_scale, at::Tensor& out) {
+  const at::Tensor x = call.x.contiguous();
+  const int64_t count = call.batch.B * call.batch.M;
+  TFX_DISPATCH_FLOATS(x.scalar_type(), "flow_euler_step_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* v_cond = call.v_cond.const_data_ptr<scalar_t>();
+    const scalar_t* v_uncond = !call.guided ? nullptr : call.stacked ? v_cond + count : call.v_uncond.const_data_ptr<scalar_t>();
+    euler_kernel<scalar_t, acc_t>(x.const_data_ptr<scalar_t>(), v_cond, v_uncond, count, static_cast<acc_t>(dt),
+                                  static_cast<acc_t>(guidance_scale), out.data_ptr<scalar_t>());
+  });
+}
+
+at::Tensor flow_euler_step_cpu(const at::Tensor& x, const at::Tensor& v_cond, const std::optional<at::Tensor>& v_uncond,
+                               double dt, double guidance_scale) {
+  const EulerCall call = begin_flow_euler_step("tokenflow_ext.flow_euler_step", x, v_cond, v_uncond, dt, guidance_scale);
+  at::Tensor out = at::empty(x.sizes(), x.options());
+  run_euler_cpu(call, dt, guidance_scale, out);
+  return out;
+}
+
+void flow_euler_step_inplace_cpu(at::Tensor& x, const at::Tensor& v_cond, const std::optional<at::Tensor>& v_uncond,
+                                 double dt, double guidance_scale) {
+  const EulerCall call = begin_flow_euler_step("tokenflow_ext.flow_euler_step_", x, v_cond, v_uncond, dt, guidance_scale);
+  if (x.is_contiguous()) {
+    run_euler_cpu(call, dt, guidance_scale, x);
+    return;
+  }
+  at::Tensor out = at::empty(x.sizes(), x.options());
+  run_euler_cpu(call, dt, guidance_scale, out);
+  x.copy_(out);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(tokenflow_ext, CPU, m) {
+  m.impl("flow_interpolate", &flow_interpolate_cpu);
+  m.impl("flow_interpolate_backward", &flow_interpolate_backward_cpu);
+  m.impl("flow_matching_loss", &flow_matching_loss_cpu);
+  m.impl("flow_matching_loss_backward", &flow_matching_loss_backward_cpu);
+  m.impl("flow_euler_step", &flow_euler_step_cpu);
+  m.impl("flow_euler_step_", &flow_euler_step_inplace_cpu);
+}
+
+}  // namespace tokenflow_ext

@@ -1,0 +1,252 @@
+// CUDA flow_step kernels: grid-stride elementwise passes (one read of each input, one write of each output),
+// and a two-pass per-sample loss reduction (fixed-order partial sums: deterministic, no atomics).
+// No host synchronisation anywhere: the Euler step can be captured in a CUDA graph.
+#include <ATen/OpMathType.h>
+#include <torch/library.h>
+
+#include "cuda/cuda_common.cuh"
+#include "flow_step.h"
+
+namespace tokenflow_ext {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int64_t kLossChunk = 8192;  // elements of one sample reduced by one block
+
+#define TFX_GRID_STRIDE(index, count)                                                         \
+  for (int64_t index = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; index < (count); \
+       index += static_cast<int64_t>(gridDim.x) * blockDim.x)
+
+template <typename scalar_t, typename acc_t>
+__global__ void interpolate_kernel(const scalar_t* __restrict__ x0, const scalar_t* __restrict__ x1,
+                                   const acc_t* __restrict__ t, int64_t count, int64_t M, acc_t keep,
+                                   scalar_t* __restrict__ x_t, scalar_t* __restrict__ v_target) {
+  TFX_GRID_STRIDE(e, count) {
+    const acc_t tb = t[e / M];
+    const acc_t source = static_cast<acc_t>(x0[e]);
+    const acc_t target = static_cast<acc_t>(x1[e]);
+    x_t[e] = static_cast<scalar_t>((acc_t(1) - keep * tb) * source + tb * target);
+    v_target[e] = static_cast<scalar_t>(target - keep * source);
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void interpolate_backward_kernel(const scalar_t* __restrict__ grad_xt, const scalar_t* __restrict__ grad_v,
+                                            const acc_t* __restrict__ t, int64_t count, int64_t M, acc_t keep,
+                                            scalar_t* __restrict__ grad_x0, scalar_t* __restrict__ grad_x1) {
+  TFX_GRID_STRIDE(e, count) {
+    const acc_t tb = t[e / M];
+    const acc_t g_xt = grad_xt != nullptr ? static_cast<acc_t>(grad_xt[e]) : acc_t(0);
+    const acc_t g_v = grad_v != nullptr ? static_cast<acc_t>(grad_v[e]) : acc_t(0);
+    if (grad_x0 != nullptr) grad_x0[e] = static_cast<scalar_t>((acc_t(1) - keep * tb) * g_xt - keep * g_v);
+    if (grad_x1 != nullptr) grad_x1[e] = static_cast<scalar_t>(tb * g_xt + g_v);
+  }
+}
+
+// partial[b, chunk] = sum of (v_pred - v_target)^2 over one chunk of sample b. grid (chunks, B).
+template <typename scalar_t, typename acc_t>
+__global__ void loss_partial_kernel(const scalar_t* __restrict__ v_pred, const scalar_t* __restrict__ x0,
+                                    const scalar_t* __restrict__ x1, int64_t M, acc_t keep,
+                                    acc_t* __restrict__ partial) {
+  __shared__ acc_t warp_sums[kThreads / kWarpSize];
+  const int64_t b = blockIdx.y;
+  const int64_t begin = blockIdx.x * kLossChunk;
+  const int64_t end = min(M, begin + kLossChunk);
+  const int64_t offset = b * M;
+  acc_t sum = 0;
+  for (int64_t m = begin + threadIdx.x; m < end; m += blockDim.x) {
+    const int64_t e = offset + m;
+    const acc_t r = static_cast<acc_t>(v_pred[e]) - (static_cast<acc_t>(x1[e]) - keep * static_cast<acc_t>(x0[e]));
+    sum += r * r;
+  }
+  sum = warp_sum(sum);
+  if (threadIdx.x % kWarpSize == 0) warp_sums[threadIdx.x / kWarpSize] = sum;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    acc_t block_sum = 0;
+    for (int w = 0; w < kThreads / kWarpSize; ++w) block_sum += warp_sums[w];
+    partial[b * gridDim.x + blockIdx.x] = block_sum;
+  }
+}
+
+template <typename acc_t>
+__global__ void loss_finalize_kernel(const acc_t* __restrict__ partial, int64_t B, int64_t chunks, int64_t M,
+                                     acc_t* __restrict__ loss) {
+  TFX_GRID_STRIDE(b, B) {
+    double sum = 0;
+    for (int64_t c = 0; c < chunks; ++c) sum += static_cast<double>(partial[b * chunks + c]);
+    loss[b] = static_cast<acc_t>(sum / static_cast<double>(M));
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void loss_backward_kernel(const acc_t* __restrict__ grad_loss, const scalar_t* __restrict__ v_pred,
+                                     const scalar_t* __restrict__ x0, const scalar_t* __restrict__ x1, int64_t count,
+                                     int64_t M, acc_t keep, scalar_t* __restrict__ grad_v_pred,
+                                     scalar_t* __restrict__ grad_x0, scalar_t* __restrict__ grad_x1) {
+  const acc_t per_element = acc_t(2) / static_cast<acc_t>(M);
+  TFX_GRID_STRIDE(e, count) {
+    const acc_t r = static_cast<acc_t>(v_pred[e]) - (static_cast<acc_t>(x1[e]) - keep * static_cast<acc_t>(x0[e]));
+    const acc_t gr = grad_loss[e / M] * per_element * r;
+    grad_v_pred[e] = static_cast<scalar_t>(gr);
+    if (grad_x0 != nullptr) grad_x0[e] = static_cast<scalar_t>(keep * gr);
+    if (grad_x1 != nullptr) grad_x1[e] = static_cast<scalar_t>(-gr);
+  }
+}
+
+// out = x + dt (v_u + s (v_c - v_u)), or x + dt v_c when v_uncond is null. out may alias x.
+template <typename scalar_t, typename acc_t>
+__global__ void euler_kernel(const scalar_t* x, const scalar_t* __restrict__ v_cond,
+                             const scalar_t* __restrict__ v_uncond, int64_t count, acc_t dt, acc_t scale,
+                             scalar_t* out) {
+  TFX_GRID_STRIDE(e, count) {
+    const acc_t vc = static_cast<acc_t>(v_cond[e]);
+    acc_t v = vc;
+    if (v_uncond != nullptr) {
+      const acc_t vu = static_cast<acc_t>(v_uncond[e]);
+      v = vu + scale * (vc - vu);
+    }
+    out[e] = static_cast<scalar_t>(static_cast<acc_t>(x[e]) + dt * v);
+  }
+}
+
+cudaStream_t stream_for(const at::Tensor& t) { return c10::cuda::getCurrentCUDAStream(t.device().index()).stream(); }
+
+std::tuple<at::Tensor, at::Tensor> flow_interpolate_cuda(const at::Tensor& x0, const at::Tensor& x1, const at::Tensor& t,
+                                                         double sigma_min) {
+  InterpolateCall call = begin_flow_interpolate(x0, x1, t, sigma_min);
+  const int64_t count = call.batch.B * call.batch.M;
+  if (count == 0) return {call.x_t, call.v_target};
+  const c10::cuda::CUDAGuard guard(x0.device());
+  TFX_DISPATCH_FLOATS(x0.scalar_type(), "flow_interpolate_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    interpolate_kernel<scalar_t, acc_t><<<grid_stride_blocks(count, kThreads), kThreads, 0, stream_for(x0)>>>(
+        call.x0.const_data_ptr<scalar_t>(), call.x1.const_data_ptr<scalar_t>(), call.t.const_data_ptr<acc_t>(), count,
+        call.batch.M, acc_t(1) - static_cast<acc_t>(sigma_min), call.x_t.data_ptr<scalar_t>(),
+        call.v_target.data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {call.x_t, call.v_target};
+}
+
+std::tuple<at::Tensor, at::Tensor> flow_interpolate_backward_cuda(const std::optional<at::Tensor>& grad_x_t,
+                                                                  const std::optional<at::Tensor>& grad_v_target,
+                                                                  const at::Tensor& t, double sigma_min,
+                                                                  bool x0_needs_grad, bool x1_needs_grad) {
+  InterpolateBackwardCall call =
+      begin_flow_interpolate_backward(grad_x_t, grad_v_target, t, sigma_min, x0_needs_grad, x1_needs_grad);
+  const at::Tensor& ref = call.grad_x_t.defined() ? call.grad_x_t : call.grad_v_target;
+  const int64_t count = call.batch.B * call.batch.M;
+  if (count == 0) return {call.grad_x0, call.grad_x1};
+  const c10::cuda::CUDAGuard guard(ref.device());
+  TFX_DISPATCH_FLOATS(ref.scalar_type(), "flow_interpolate_backward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    interpolate_backward_kernel<scalar_t, acc_t><<<grid_stride_blocks(count, kThreads), kThreads, 0, stream_for(ref)>>>(
+        maybe_ptr<scalar_t>(call.grad_x_t), maybe_ptr<scalar_t>(call.grad_v_target), call.t.const_data_ptr<acc_t>(),
+        count, call.batch.M, acc_t(1) - static_cast<acc_t>(sigma_min), maybe_mutable_ptr<scalar_t>(call.grad_x0),
+        maybe_mutable_ptr<scalar_t>(call.grad_x1));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {call.grad_x0, call.grad_x1};
+}
+
+at::Tensor flow_matching_loss_cuda(const at::Tensor& v_pred, const at::Tensor& x0, const at::Tensor& x1,
+                                   double sigma_min) {
+  MatchingLossCall call = begin_flow_matching_loss("tokenflow_ext.flow_matching_loss", v_pred, x0, x1, sigma_min);
+  const int64_t B = call.batch.B, M = call.batch.M;
+  if (B == 0) return call.loss;
+  const c10::cuda::CUDAGuard guard(v_pred.device());
+  const int64_t chunks = std::max<int64_t>(1, (M + kLossChunk - 1) / kLossChunk);
+  TORCH_CHECK(B <= 65535, "tokenflow_ext.flow_matching_loss: at most 65535 samples per call on CUDA, got ", B);
+  at::Tensor partial = at::zeros({B, chunks}, call.loss.options());
+  TFX_DISPATCH_FLOATS(v_pred.scalar_type(), "flow_matching_loss_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const acc_t keep = acc_t(1) - static_cast<acc_t>(sigma_min);
+    if (M > 0) {
+      const dim3 grid(static_cast<unsigned int>(chunks), static_cast<unsigned int>(B));
+      loss_partial_kernel<scalar_t, acc_t><<<grid, kThreads, 0, stream_for(v_pred)>>>(
+          call.v_pred.const_data_ptr<scalar_t>(), call.x0.const_data_ptr<scalar_t>(), call.x1.const_data_ptr<scalar_t>(),
+          M, keep, partial.data_ptr<acc_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    loss_finalize_kernel<acc_t><<<grid_stride_blocks(B, kThreads), kThreads, 0, stream_for(v_pred)>>>(
+        partial.const_data_ptr<acc_t>(), B, chunks, M, call.loss.data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return call.loss;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> flow_matching_loss_backward_cuda(
+    const at::Tensor& grad_loss, const at::Tensor& v_pred, const at::Tensor& x0, const at::Tensor& x1,
+    double sigma_min, bool x0_needs_grad, bool x1_needs_grad) {
+  constexpr const char* op = "tokenflow_ext.flow_matching_loss_backward";
+  MatchingLossCall call = begin_flow_matching_loss(op, v_pred, x0, x1, sigma_min);
+  const at::Tensor grads = check_grad_loss(op, grad_loss, v_pred, call.batch.B);
+  at::Tensor grad_v_pred = at::empty_like(call.v_pred);
+  const auto empty = at::empty({0}, v_pred.options());
+  at::Tensor grad_x0 = x0_needs_grad ? at::empty_like(call.x0) : empty;
+  at::Tensor grad_x1 = x1_needs_grad ? at::empty_like(call.x1) : empty;
+  const int64_t count = call.batch.B * call.batch.M;
+  if (count == 0) return {grad_v_pred, grad_x0, grad_x1};
+  const c10::cuda::CUDAGuard guard(v_pred.device());
+  TFX_DISPATCH_FLOATS(v_pred.scalar_type(), "flow_matching_loss_backward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    loss_backward_kernel<scalar_t, acc_t><<<grid_stride_blocks(count, kThreads), kThreads, 0, stream_for(v_pred)>>>(
+        grads.const_data_ptr<acc_t>(), call.v_pred.const_data_ptr<scalar_t>(), call.x0.const_data_ptr<scalar_t>(),
+        call.x1.const_data_ptr<scalar_t>(), count, call.batch.M, acc_t(1) - static_cast<acc_t>(sigma_min),
+        grad_v_pred.data_ptr<scalar_t>(), maybe_mutable_ptr<scalar_t>(grad_x0), maybe_mutable_ptr<scalar_t>(grad_x1));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {grad_v_pred, grad_x0, grad_x1};
+}
+
+void run_euler_cuda(const EulerCall& call, double dt, double guidance_scale, at::Tensor& out) {
+  const at::Tensor x = call.x.contiguous();
+  const int64_t count = call.batch.B * call.batch.M;
+  if (count == 0) return;
+  const c10::cuda::CUDAGuard guard(x.device());
+  TFX_DISPATCH_FLOATS(x.scalar_type(), "flow_euler_step_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* v_cond = call.v_cond.const_data_ptr<scalar_t>();
+    const scalar_t* v_uncond =
+        !call.guided ? nullptr : call.stacked ? v_cond + count : call.v_uncond.const_data_ptr<scalar_t>();
+    euler_kernel<scalar_t, acc_t><<<grid_stride_blocks(count, kThreads), kThreads, 0, stream_for(x)>>>(
+        x.const_data_ptr<scalar_t>(), v_cond, v_uncond, count, static_cast<acc_t>(dt),
+        static_cast<acc_t>(guidance_scale), out.data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+at::Tensor flow_euler_step_cuda(const at::Tensor& x, const at::Tensor& v_cond,
+                                const std::optional<at::Tensor>& v_uncond, double dt, double guidance_scale) {
+  const EulerCall call = begin_flow_euler_step("tokenflow_ext.flow_euler_step", x, v_cond, v_uncond, dt, guidance_scale);
+  at::Tensor out = at::empty(x.sizes(), x.options());
+  run_euler_cuda(call, dt, guidance_scale, out);
+  return out;
+}
+
+void flow_euler_step_inplace_cuda(at::Tensor& x, const at::Tensor& v_cond, const std::optional<at::Tensor>& v_uncond,
+                                  double dt, double guidance_scale) {
+  const EulerCall call =
+      begin_flow_euler_step("tokenflow_ext.flow_euler_step_", x, v_cond, v_uncond, dt, guidance_scale);
+  if (x.is_contiguous()) {
+    run_euler_cuda(call, dt, guidance_scale, x);
+    return;
+  }
+  at::Tensor out = at::empty(x.sizes(), x.options());
+  run_euler_cuda(call, dt, guidance_scale, out);
+  x.copy_(out);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(tokenflow_ext, CUDA, m) {
+  m.impl("flow_interpolate", &flow_interpolate_cuda);
+  m.impl("flow_interpolate_backward", &flow_interpolate_backward_cuda);
+  m.impl("flow_matching_loss", &flow_matching_loss_cuda);
+  m.impl("flow_matching_loss_backward", &flow_matching_loss_backward_cuda);
+  m.impl("flow_euler_step", &flow_euler_step_cuda);
+  m.impl("flow_euler_step_", &flow_euler_step_inplace_cuda);
+}
+
+}  // namespace tokenflow_ext

@@ -1,0 +1,255 @@
+import pytest
+import torch
+from helpers import DEVICES, FLOAT_DTYPES
+
+from tokenflow_ext import flow
+from tokenflow_ext.reference import euler_step_reference, interpolate_reference, matching_loss_reference
+
+SIGMA = 1e-5
+
+
+def latents(shape, *, dtype=torch.float32, device="cpu", seed=0, count=3):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(shape, generator=g).to(device=device, dtype=dtype) for _ in range(count)]
+
+
+def timesteps(batch, device="cpu", seed=1):
+    return torch.rand(batch, generator=torch.Generator().manual_seed(seed)).to(device)
+
+
+def upcast(*tensors):
+    return [t.double() for t in tensors]
+
+
+def assert_within_one_rounding(ours, exact, dtype):
+    """Low precision: the fused op computes in fp32 and rounds once, so it is within half an ulp of the dtype."""
+    torch.testing.assert_close(ours.double(), exact.to(dtype).double(),
+                               **({} if dtype == torch.float64 else {"atol": 1e-6, "rtol": {
+                                   torch.float32: 2e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]}))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("shape", [(8, 77, 16), (3, 5), (1, 1), (4, 2, 3, 7)])
+def test_interpolate_values(device, dtype, shape):
+    x0, x1 = latents(shape, dtype=dtype, device=device, count=2)
+    t = timesteps(shape[0], device)
+    x_t, v_target = flow.interpolate(x0, x1, t, sigma_min=SIGMA)
+    exact_xt, exact_v = interpolate_reference(*upcast(x0, x1), t.double(), SIGMA)
+    assert x_t.dtype == dtype and x_t.shape == shape
+    assert_within_one_rounding(x_t, exact_xt, dtype)
+    assert_within_one_rounding(v_target, exact_v, dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_matching_loss_values(device, dtype, reduction):
+    v_pred, x0, x1 = latents((6, 77, 16), dtype=dtype, device=device)
+    loss = flow.matching_loss(v_pred, x0, x1, sigma_min=SIGMA, reduction=reduction)
+    exact = matching_loss_reference(*upcast(v_pred, x0, x1), SIGMA, reduction)
+    assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert loss.shape == exact.shape
+    torch.testing.assert_close(loss.double(), exact, rtol=1e-6 if dtype != torch.float64 else 1e-12, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_matching_loss_large_samples_stay_accurate(device):
+    # [64, 4096, 64]-like per-sample sizes (262144 elements): fp64 partial sums keep fp32 inputs exact
+    v_pred, x0, x1 = latents((2, 4096, 64), device=device, seed=3)
+    loss = flow.matching_loss(v_pred, x0, x1, reduction="none")
+    exact = matching_loss_reference(*upcast(v_pred, x0, x1), SIGMA, "none")
+    torch.testing.assert_close(loss.double(), exact, rtol=2e-7, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_training_gradients_match_eager_autograd(device):
+    """Gradients reach v_pred, x0 through x_t *and* the target, x1 and t, as autograd of the eager formula."""
+    base = latents((5, 77, 16), dtype=torch.float64, device=device, seed=4, count=2)
+    t_base = timesteps(5, device).double()
+    weights = torch.randn(5, 77, 16, dtype=torch.float64, device=device)
+
+    def run(interp, loss_fn):
+        x0, x1 = [b.clone().requires_grad_() for b in base]
+        t = t_base.clone().requires_grad_()
+        x_t, _ = interp(x0, x1, t, SIGMA)
+        v_pred = torch.tanh(x_t) * weights  # a stand-in model
+        loss_fn(v_pred, x0, x1, SIGMA).backward()
+        return x0.grad, x1.grad, t.grad
+
+    ours = run(flow.interpolate, flow.matching_loss)
+    expected = run(interpolate_reference, matching_loss_reference)
+    for a, b in zip(ours, expected):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_x1_grad_switch(device):
+    v_pred, x0, x1 = [t.requires_grad_() for t in latents((3, 4, 5), device=device)]
+    flow.matching_loss(v_pred, x0, x1, x1_grad=False).backward()
+    assert x1.grad is None and x0.grad is not None and v_pred.grad is not None
+    x_t, _ = flow.interpolate(x0, x1, timesteps(3, device), x1_grad=False)
+    x_t.sum().backward()
+    assert x1.grad is None
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradcheck(device):
+    x0, x1, v_pred = [t.requires_grad_() for t in latents((3, 2, 4), dtype=torch.float64, device=device, seed=5)]
+    t = timesteps(3, device).double().requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, b, c: flow.interpolate(a, b, c, SIGMA), (x0, x1, t))
+    for reduction in ("mean", "none"):
+        assert torch.autograd.gradcheck(lambda v, a, b: flow.matching_loss(v, a, b, SIGMA, reduction), (v_pred, x0, x1))
+    v_uncond = torch.randn_like(v_pred).requires_grad_()
+    assert torch.autograd.gradcheck(lambda x, c, u: flow.euler_step(x, c, u, dt=0.1, guidance_scale=2.5),
+                                    (x0, v_pred, v_uncond))
+    stacked = torch.randn(6, 2, 4, dtype=torch.float64, device=device, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, s: flow.euler_step(x, s, dt=-0.05, guidance_scale=1.7), (x0, stacked))
+    assert torch.autograd.gradcheck(lambda x, c: flow.euler_step(x, c, dt=0.2), (x0, v_pred))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    x0, x1, v = latents((4, 77, 16), device=device, seed=6)
+    t = timesteps(4, device)
+    ops = torch.ops.tokenflow_ext
+    grads = [a.clone().requires_grad_() for a in (x0, x1, v)]
+    torch.library.opcheck(ops.flow_interpolate.default, (x0, x1, t, SIGMA))
+    torch.library.opcheck(ops.flow_interpolate.default, (grads[0], grads[1], t, SIGMA))
+    torch.library.opcheck(ops.flow_interpolate_backward.default, (x0, None, t, SIGMA, True, False))
+    torch.library.opcheck(ops.flow_matching_loss.default, (v, x0, x1, SIGMA))
+    torch.library.opcheck(ops.flow_matching_loss.default, (grads[2], grads[0], grads[1], SIGMA))
+    torch.library.opcheck(ops.flow_matching_loss_backward.default, (t, v, x0, x1, SIGMA, True, True))
+    torch.library.opcheck(ops.flow_euler_step.default, (x0, v, x1, 0.05, 2.0))
+    torch.library.opcheck(ops.flow_euler_step.default, (grads[0], grads[2], None, 0.05, 1.0))
+    torch.library.opcheck(ops.flow_euler_step.default, (x0, torch.cat([v, x1]), None, 0.05, 2.0))
+    torch.library.opcheck(ops.flow_euler_step_.default, (x0.clone(), v, x1, 0.05, 2.0))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_euler_step_cfg_layouts_agree(device, dtype):
+    x, v_cond, v_uncond = latents((4, 77, 16), dtype=dtype, device=device, seed=7)
+    split = flow.euler_step(x, v_cond, v_uncond, dt=0.05, guidance_scale=2.0)
+    stacked = flow.euler_step(x, torch.cat([v_cond, v_uncond]), dt=0.05, guidance_scale=2.0)
+    assert torch.equal(split, stacked)
+    exact = euler_step_reference(*upcast(x, v_cond, v_uncond), dt=0.05, guidance_scale=2.0)
+    assert_within_one_rounding(split, exact, dtype)
+    plain = flow.euler_step(x, v_cond, dt=0.05)
+    assert_within_one_rounding(plain, euler_step_reference(*upcast(x, v_cond), dt=0.05), dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_euler_step_in_place(device):
+    x, v_cond, v_uncond = latents((3, 77, 16), device=device, seed=8)
+    expected = flow.euler_step(x, v_cond, v_uncond, dt=0.1, guidance_scale=3.0)
+    target = x.clone()
+    returned = flow.euler_step_(target, v_cond, v_uncond, dt=0.1, guidance_scale=3.0)
+    assert returned is target and torch.equal(target, expected)
+    # a non-contiguous x is updated through its own strides
+    wide = torch.zeros(3, 77, 32, device=device)
+    view = wide[..., ::2]
+    view.copy_(x)
+    flow.euler_step_(view, v_cond, v_uncond, dt=0.1, guidance_scale=3.0)
+    assert torch.equal(view, expected) and (wide[..., 1::2] == 0).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty_batch(device):
+    x0, x1 = torch.empty(0, 77, 16, device=device), torch.empty(0, 77, 16, device=device)
+    t = torch.empty(0, device=device)
+    x_t, v = flow.interpolate(x0, x1, t)
+    assert x_t.shape == (0, 77, 16) and v.shape == (0, 77, 16)
+    assert flow.matching_loss(x0, x0, x1, reduction="none").shape == (0,)
+    assert flow.euler_step(x0, x1, dt=0.1).shape == (0, 77, 16)
+
+
+def test_torch_compile_fullgraph():
+    x0, x1, weights = latents((4, 77, 16), seed=9)
+    t = timesteps(4)
+
+    def train_step(a, b, tt):
+        x_t, _ = flow.interpolate(a, b, tt)
+        v_pred = x_t * weights
+        return flow.matching_loss(v_pred, a, b)
+
+    def sample_step(x, v_cond, v_uncond):
+        return flow.euler_step(x, v_cond, v_uncond, dt=0.05, guidance_scale=2.0)
+
+    compiled_train = torch.compile(train_step, fullgraph=True)
+    leaves = [x0.clone().requires_grad_(), x1.clone().requires_grad_()]
+    loss = compiled_train(*leaves, t)
+    loss.backward()
+    eager_leaves = [x0.clone().requires_grad_(), x1.clone().requires_grad_()]
+    eager_loss = train_step(*eager_leaves, t)
+    eager_loss.backward()
+    torch.testing.assert_close(loss, eager_loss)
+    for a, b in zip(leaves, eager_leaves):
+        torch.testing.assert_close(a.grad, b.grad)
+    compiled_sample = torch.compile(sample_step, fullgraph=True)
+    torch.testing.assert_close(compiled_sample(x0, x1, weights), sample_step(x0, x1, weights))
+
+    @torch.compile(fullgraph=True)
+    def in_place(x, v_cond, v_uncond):
+        flow.euler_step_(x, v_cond, v_uncond, dt=0.05, guidance_scale=2.0)
+        return x * 1
+
+    torch.testing.assert_close(in_place(x0.clone(), x1, weights), sample_step(x0, x1, weights))
+
+
+class TestBadInput:
+    def setup_method(self):
+        self.x0, self.x1, self.v = latents((4, 77, 16), seed=10)
+        self.t = timesteps(4)
+
+    def test_shape_mismatch(self):
+        with pytest.raises(RuntimeError, match=r"x1 has shape \[4, 77, 15\] but x0 has shape \[4, 77, 16\]"):
+            flow.interpolate(self.x0, self.x1[..., :15], self.t)
+        with pytest.raises(RuntimeError, match="x0 has shape .* but v_pred has shape"):
+            flow.matching_loss(self.v, self.x0[:3], self.x1)
+        with pytest.raises(RuntimeError, match="v_uncond has shape"):
+            flow.euler_step(self.x0, self.v, self.x1[:2], dt=0.1, guidance_scale=2.0)
+        with pytest.raises(RuntimeError, match=r"v_cond must have the shape of x .* or the stacked shape \[8, 77, 16\]"):
+            flow.euler_step(self.x0, self.v[:3], dt=0.1)
+
+    def test_wrong_t(self):
+        with pytest.raises(RuntimeError, match=r"t must have shape \(B,\) = \(4,\), got \[3\]"):
+            flow.interpolate(self.x0, self.x1, self.t[:3])
+        with pytest.raises(RuntimeError, match=r"t must have shape \(B,\)"):
+            flow.interpolate(self.x0, self.x1, self.t.reshape(2, 2))
+        with pytest.raises(RuntimeError, match="t must be float32"):
+            flow.interpolate(self.x0, self.x1, torch.ones(4, dtype=torch.long))
+
+    def test_integer_tensors(self):
+        with pytest.raises(RuntimeError, match="x0 must be float32"):
+            flow.interpolate(self.x0.int(), self.x1.int(), self.t)
+        with pytest.raises(RuntimeError, match="v_pred must be float32"):
+            flow.matching_loss(self.v.long(), self.x0, self.x1)
+        with pytest.raises(RuntimeError, match="x must be float32"):
+            flow.euler_step(self.x0.int(), self.v.int(), dt=0.1)
+
+    def test_mixed_dtypes(self):
+        with pytest.raises(RuntimeError, match="x1 has dtype BFloat16 but x0 has dtype Float"):
+            flow.interpolate(self.x0, self.x1.bfloat16(), self.t)
+
+    def test_non_finite_dt_and_scale(self):
+        with pytest.raises(RuntimeError, match="dt must be finite, got nan"):
+            flow.euler_step(self.x0, self.v, dt=float("nan"))
+        with pytest.raises(RuntimeError, match="dt must be finite, got inf"):
+            flow.euler_step_(self.x0, self.v, dt=float("inf"))
+        with pytest.raises(RuntimeError, match="guidance_scale must be finite"):
+            flow.euler_step(self.x0, self.v, self.x1, dt=0.1, guidance_scale=float("inf"))
+
+    def test_guidance_without_uncond(self):
+        with pytest.raises(RuntimeError, match="guidance_scale = 2 needs the unconditional velocity"):
+            flow.euler_step(self.x0, self.v, dt=0.1, guidance_scale=2.0)
+
+    def test_bad_sigma_and_reduction(self):
+        with pytest.raises(RuntimeError, match=r"sigma_min must be in \[0, 1\), got 1.5"):
+            flow.interpolate(self.x0, self.x1, self.t, sigma_min=1.5)
+        with pytest.raises(ValueError, match="reduction must be one of"):
+            flow.matching_loss(self.v, self.x0, self.x1, reduction="batchmean")
+
+    def test_zero_dim(self):
+        with pytest.raises(RuntimeError, match="must have a batch dim"):
+            flow.euler_step(torch.tensor(1.0), torch.tensor(1.0), dt=0.1)
