@@ -12,6 +12,7 @@
 #include "codebook_search.h"
 #include "common/row_math.h"
 #include "common/codebook_rows.h"
+#include "common/cpu_simd.h"
 
 namespace tokenflow_ext {
 namespace {
@@ -21,7 +22,7 @@ constexpr int64_t kCodeTile = 512;  // codes per GEMM tile: a 256 x 512 fp32 til
 
 // In place over one tile row: score[c] = bias[c] - 2 * dot[c] (the parts of d(n, k) that depend on k),
 // then the minimum of the row and the first column that attains it (the first NaN, if any, as
-// torch.argmin does). W-wide GCC vectors; target_clones picks AVX2 at run time where the CPU has it.
+// torch.argmin does). W-wide GCC vectors; TFX_CPU_SIMD picks AVX2 at run time where the CPU has it.
 template <typename T, typename Vec>
 __attribute__((always_inline)) inline int64_t scan_tile_row(T* dots, const T* bias, int64_t cols, T* row_min) {
   constexpr int64_t W = sizeof(Vec) / sizeof(T);
@@ -70,13 +71,11 @@ __attribute__((always_inline)) inline int64_t scan_tile_row(T* dots, const T* bi
 typedef float float_vec __attribute__((vector_size(32)));
 typedef double double_vec __attribute__((vector_size(32)));
 
-__attribute__((target_clones("avx2", "default"))) int64_t scan_row(float* dots, const float* bias, int64_t cols,
-                                                                   float* row_min) {
+TFX_CPU_SIMD int64_t scan_row(float* dots, const float* bias, int64_t cols, float* row_min) {
   return scan_tile_row<float, float_vec>(dots, bias, cols, row_min);
 }
 
-__attribute__((target_clones("avx2", "default"))) int64_t scan_row(double* dots, const double* bias, int64_t cols,
-                                                                   double* row_min) {
+TFX_CPU_SIMD int64_t scan_row(double* dots, const double* bias, int64_t cols, double* row_min) {
   return scan_tile_row<double, double_vec>(dots, bias, cols, row_min);
 }
 

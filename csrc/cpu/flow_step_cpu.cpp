@@ -7,6 +7,7 @@
 
 #include <algorithm>
 
+#include "common/cpu_simd.h"
 #include "flow_step.h"
 
 namespace tokenflow_ext {
@@ -23,20 +24,91 @@ void for_each_sample(const FlowBatch& batch, const Fn& fn) {
   });
 }
 
+// ---- hot loops over one contiguous span (SIMD clones; called per sample or per chunk) ----
+
+template <typename scalar_t, typename acc_t>
+TFX_CPU_SIMD void interpolate_span(const scalar_t* x0, const scalar_t* x1, int64_t n, acc_t a, acc_t tb, acc_t keep,
+                                   scalar_t* x_t, scalar_t* v_target) {
+  for (int64_t i = 0; i < n; ++i) {
+    const acc_t source = static_cast<acc_t>(x0[i]);
+    const acc_t target = static_cast<acc_t>(x1[i]);
+    x_t[i] = static_cast<scalar_t>(a * source + tb * target);
+    v_target[i] = static_cast<scalar_t>(target - keep * source);
+  }
+}
+
+// out = c_xt g_xt + c_v g_v (either gradient may be absent)
+template <typename scalar_t, typename acc_t>
+TFX_CPU_SIMD void linear_combination_span(const scalar_t* g_xt, acc_t c_xt, const scalar_t* g_v, acc_t c_v, int64_t n,
+                                          scalar_t* out) {
+  if (g_xt != nullptr && g_v != nullptr) {
+    for (int64_t i = 0; i < n; ++i) {
+      out[i] = static_cast<scalar_t>(c_xt * static_cast<acc_t>(g_xt[i]) + c_v * static_cast<acc_t>(g_v[i]));
+    }
+  } else {
+    const scalar_t* g = g_xt != nullptr ? g_xt : g_v;
+    const acc_t c = g_xt != nullptr ? c_xt : c_v;
+    for (int64_t i = 0; i < n; ++i) out[i] = static_cast<scalar_t>(c * static_cast<acc_t>(g[i]));
+  }
+}
+
+// sum (v_pred - (x1 - keep x0))^2 over the span, in 4 fixed fp64 partial sums (deterministic, accurate)
+template <typename scalar_t, typename acc_t>
+TFX_CPU_SIMD double squared_residual_span(const scalar_t* v_pred, const scalar_t* x0, const scalar_t* x1, int64_t n,
+                                          acc_t keep) {
+  double partial[4] = {0, 0, 0, 0};
+  int64_t i = 0;
+  for (; i + 4 <= n; i += 4) {
+    for (int lane = 0; lane < 4; ++lane) {
+      const acc_t r = static_cast<acc_t>(v_pred[i + lane]) -
+                      (static_cast<acc_t>(x1[i + lane]) - keep * static_cast<acc_t>(x0[i + lane]));
+      partial[lane] += static_cast<double>(r * r);
+    }
+  }
+  for (; i < n; ++i) {
+    const acc_t r = static_cast<acc_t>(v_pred[i]) - (static_cast<acc_t>(x1[i]) - keep * static_cast<acc_t>(x0[i]));
+    partial[0] += static_cast<double>(r * r);
+  }
+  return (partial[0] + partial[1]) + (partial[2] + partial[3]);
+}
+
+// r = v_pred - v_target: grad_v_pred = g r, grad_x0 = keep g r, grad_x1 = -g r (x0 / x1 outputs optional)
+template <typename scalar_t, typename acc_t>
+TFX_CPU_SIMD void residual_gradients_span(const scalar_t* v_pred, const scalar_t* x0, const scalar_t* x1, int64_t n,
+                                          acc_t keep, acc_t g, scalar_t* grad_v_pred, scalar_t* grad_x0,
+                                          scalar_t* grad_x1) {
+  for (int64_t i = 0; i < n; ++i) {
+    const acc_t gr = g * (static_cast<acc_t>(v_pred[i]) - (static_cast<acc_t>(x1[i]) - keep * static_cast<acc_t>(x0[i])));
+    grad_v_pred[i] = static_cast<scalar_t>(gr);
+    if (grad_x0 != nullptr) grad_x0[i] = static_cast<scalar_t>(keep * gr);
+    if (grad_x1 != nullptr) grad_x1[i] = static_cast<scalar_t>(-gr);
+  }
+}
+
+// out = x + dt (v_u + s (v_c - v_u)), or x + dt v_c when v_uncond is null. out may alias x.
+template <typename scalar_t, typename acc_t>
+TFX_CPU_SIMD void euler_span(const scalar_t* x, const scalar_t* v_cond, const scalar_t* v_uncond, int64_t n, acc_t dt,
+                             acc_t scale, scalar_t* out) {
+  if (v_uncond == nullptr) {
+    for (int64_t i = 0; i < n; ++i) out[i] = static_cast<scalar_t>(static_cast<acc_t>(x[i]) + dt * static_cast<acc_t>(v_cond[i]));
+    return;
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    const acc_t vu = static_cast<acc_t>(v_uncond[i]);
+    const acc_t v = vu + scale * (static_cast<acc_t>(v_cond[i]) - vu);
+    out[i] = static_cast<scalar_t>(static_cast<acc_t>(x[i]) + dt * v);
+  }
+}
+
+// ---- kernels: split the batch into spans ----
+
 template <typename scalar_t, typename acc_t>
 void interpolate_kernel(const scalar_t* x0, const scalar_t* x1, const acc_t* t, FlowBatch batch, acc_t sigma_min,
                         scalar_t* x_t, scalar_t* v_target) {
   const acc_t keep = acc_t(1) - sigma_min;
   for_each_sample(batch, [&](int64_t b) {
-    const acc_t tb = t[b];
-    const acc_t a = acc_t(1) - keep * tb;
-    const int64_t offset = b * batch.M;
-    for (int64_t m = offset; m < offset + batch.M; ++m) {
-      const acc_t source = static_cast<acc_t>(x0[m]);
-      const acc_t target = static_cast<acc_t>(x1[m]);
-      x_t[m] = static_cast<scalar_t>(a * source + tb * target);
-      v_target[m] = static_cast<scalar_t>(target - keep * source);
-    }
+    const int64_t o = b * batch.M;
+    interpolate_span<scalar_t, acc_t>(x0 + o, x1 + o, batch.M, acc_t(1) - keep * t[b], t[b], keep, x_t + o, v_target + o);
   });
 }
 
@@ -46,15 +118,11 @@ void interpolate_backward_kernel(const scalar_t* grad_xt, const scalar_t* grad_v
                                  acc_t sigma_min, scalar_t* grad_x0, scalar_t* grad_x1) {
   const acc_t keep = acc_t(1) - sigma_min;
   for_each_sample(batch, [&](int64_t b) {
-    const acc_t tb = t[b];
-    const acc_t a = acc_t(1) - keep * tb;
-    const int64_t offset = b * batch.M;
-    for (int64_t m = offset; m < offset + batch.M; ++m) {
-      const acc_t g_xt = grad_xt != nullptr ? static_cast<acc_t>(grad_xt[m]) : acc_t(0);
-      const acc_t g_v = grad_v != nullptr ? static_cast<acc_t>(grad_v[m]) : acc_t(0);
-      if (grad_x0 != nullptr) grad_x0[m] = static_cast<scalar_t>(a * g_xt - keep * g_v);
-      if (grad_x1 != nullptr) grad_x1[m] = static_cast<scalar_t>(tb * g_xt + g_v);
-    }
+    const int64_t o = b * batch.M;
+    const scalar_t* g_xt = grad_xt != nullptr ? grad_xt + o : nullptr;
+    const scalar_t* g_v = grad_v != nullptr ? grad_v + o : nullptr;
+    if (grad_x0 != nullptr) linear_combination_span<scalar_t, acc_t>(g_xt, acc_t(1) - keep * t[b], g_v, -keep, batch.M, grad_x0 + o);
+    if (grad_x1 != nullptr) linear_combination_span<scalar_t, acc_t>(g_xt, t[b], g_v, acc_t(1), batch.M, grad_x1 + o);
   });
 }
 
@@ -63,27 +131,12 @@ void matching_loss_kernel(const scalar_t* v_pred, const scalar_t* x0, const scal
                           acc_t sigma_min, acc_t* loss) {
   const acc_t keep = acc_t(1) - sigma_min;
   for_each_sample(batch, [&](int64_t b) {
-    const int64_t offset = b * batch.M;
-    double partial[4] = {0, 0, 0, 0};  // fixed-order partial sums: deterministic and accurate for large M
-    int64_t m = 0;
-    for (; m + 4 <= batch.M; m += 4) {
-      for (int lane = 0; lane < 4; ++lane) {
-        const int64_t e = offset + m + lane;
-        const acc_t r = static_cast<acc_t>(v_pred[e]) - (static_cast<acc_t>(x1[e]) - keep * static_cast<acc_t>(x0[e]));
-        partial[lane] += static_cast<double>(r * r);
-      }
-    }
-    for (; m < batch.M; ++m) {
-      const int64_t e = offset + m;
-      const acc_t r = static_cast<acc_t>(v_pred[e]) - (static_cast<acc_t>(x1[e]) - keep * static_cast<acc_t>(x0[e]));
-      partial[0] += static_cast<double>(r * r);
-    }
-    const double sum = (partial[0] + partial[1]) + (partial[2] + partial[3]);
+    const int64_t o = b * batch.M;
+    const double sum = squared_residual_span<scalar_t, acc_t>(v_pred + o, x0 + o, x1 + o, batch.M, keep);
     loss[b] = static_cast<acc_t>(sum / static_cast<double>(batch.M));
   });
 }
 
-// r = v_pred - v_target, g = grad_loss(b) 2 / M: grad_v_pred = g r, grad_x0 = (1 - sigma) g r, grad_x1 = -g r
 template <typename scalar_t, typename acc_t>
 void matching_loss_backward_kernel(const acc_t* grad_loss, const scalar_t* v_pred, const scalar_t* x0,
                                    const scalar_t* x1, FlowBatch batch, acc_t sigma_min, scalar_t* grad_v_pred,
@@ -91,34 +144,19 @@ void matching_loss_backward_kernel(const acc_t* grad_loss, const scalar_t* v_pre
   const acc_t keep = acc_t(1) - sigma_min;
   const acc_t per_element = acc_t(2) / static_cast<acc_t>(batch.M);
   for_each_sample(batch, [&](int64_t b) {
-    const acc_t g = grad_loss[b] * per_element;
-    const int64_t offset = b * batch.M;
-    for (int64_t e = offset; e < offset + batch.M; ++e) {
-      const acc_t r = static_cast<acc_t>(v_pred[e]) - (static_cast<acc_t>(x1[e]) - keep * static_cast<acc_t>(x0[e]));
-      const acc_t gr = g * r;
-      grad_v_pred[e] = static_cast<scalar_t>(gr);
-      if (grad_x0 != nullptr) grad_x0[e] = static_cast<scalar_t>(keep * gr);
-      if (grad_x1 != nullptr) grad_x1[e] = static_cast<scalar_t>(-gr);
-    }
+    const int64_t o = b * batch.M;
+    residual_gradients_span<scalar_t, acc_t>(v_pred + o, x0 + o, x1 + o, batch.M, keep, grad_loss[b] * per_element,
+                                             grad_v_pred + o, grad_x0 != nullptr ? grad_x0 + o : nullptr,
+                                             grad_x1 != nullptr ? grad_x1 + o : nullptr);
   });
 }
 
-// out = x + dt (v_u + s (v_c - v_u)), or x + dt v_c without guidance. out may alias x.
 template <typename scalar_t, typename acc_t>
 void euler_kernel(const scalar_t* x, const scalar_t* v_cond, const scalar_t* v_uncond, int64_t count, acc_t dt,
                   acc_t scale, scalar_t* out) {
   at::parallel_for(0, count, kElementsPerTask, [&](int64_t begin, int64_t end) {
-    if (v_uncond == nullptr) {
-      for (int64_t e = begin; e < end; ++e) {
-        out[e] = static_cast<scalar_t>(static_cast<acc_t>(x[e]) + dt * static_cast<acc_t>(v_cond[e]));
-      }
-      return;
-    }
-    for (int64_t e = begin; e < end; ++e) {
-      const acc_t vu = static_cast<acc_t>(v_uncond[e]);
-      const acc_t v = vu + scale * (static_cast<acc_t>(v_cond[e]) - vu);
-      out[e] = static_cast<scalar_t>(static_cast<acc_t>(x[e]) + dt * v);
-    }
+    euler_span<scalar_t, acc_t>(x + begin, v_cond + begin, v_uncond != nullptr ? v_uncond + begin : nullptr,
+                                end - begin, dt, scale, out + begin);
   });
 }
 

@@ -13,18 +13,28 @@ import torch
 import tokenflow_ext
 
 PEERS = ["faiss", "flow_matching", "torchdiffeq", "matplotlib"]
-FAMILIES = ["search", "gather", "quantize"]
+FAMILIES = ["search", "gather", "quantize", "flow_train", "flow_step", "flow_loop"]
 
 
 def _sizes(mode: str):
     from .bench.codebook import CodebookProblem  # noqa: PLC0415
+    from .bench.flow import FlowProblem  # noqa: PLC0415
 
+    flowtok, wide = (256, 77, 16), (64, 4096, 64)
     if mode == "quick":
         return [("search", CodebookProblem(2048, 4096)), ("gather", CodebookProblem(16384, 8192)),
-                ("quantize", CodebookProblem(1024, 4096))]
+                ("quantize", CodebookProblem(1024, 4096)), ("flow_train", FlowProblem(flowtok)),
+                ("flow_step", FlowProblem(flowtok)), ("flow_loop", FlowProblem(flowtok))]
     cases = [("search", CodebookProblem(8192, 16384)), ("gather", CodebookProblem(65536, 32768)),
              ("quantize", CodebookProblem(4096, 16384))]
+    for shape in (flowtok, wide):
+        cases += [("flow_train", FlowProblem(shape)), ("flow_train", FlowProblem(shape, torch.bfloat16)),
+                  ("flow_step", FlowProblem(shape)), ("flow_step", FlowProblem(shape, torch.bfloat16)),
+                  ("flow_step", FlowProblem(shape, layout="split")),
+                  ("flow_step", FlowProblem(shape, guidance_scale=1.0)), ("flow_loop", FlowProblem(shape))]
     if mode == "full":
+        cases += [("flow_loop", FlowProblem(flowtok, steps=50)), ("flow_step", FlowProblem(flowtok, guidance_scale=4.0)),
+                  ("flow_step", FlowProblem(wide, torch.bfloat16, layout="split"))]
         cases += [("search", CodebookProblem(8192, 16384, pixel_weight=1.0)),
                   ("search", CodebookProblem(65536, 32768)),
                   ("search", CodebookProblem(729, 32768)),
@@ -33,7 +43,7 @@ def _sizes(mode: str):
 
 
 def bench(args) -> int:
-    from .bench import codebook, report  # noqa: PLC0415
+    from .bench import codebook, flow, report  # noqa: PLC0415
     from .bench.timing import machine_description  # noqa: PLC0415
 
     unknown = sorted(set(args.families) - set(FAMILIES))
@@ -47,14 +57,16 @@ def bench(args) -> int:
             return 2
         devices.remove("cuda")
     runners = {"search": codebook.run_search_case, "gather": codebook.run_gather_case,
-               "quantize": codebook.run_quantize_case}
+               "quantize": codebook.run_quantize_case, "flow_train": flow.run_flow_train_case,
+               "flow_step": flow.run_flow_step_case, "flow_loop": flow.run_flow_loop_case}
     rows = []
     machines = []
     for device in devices:
         machines.append(machine_description(device))
         cases = [(family, problem) for family, problem in _sizes(args.mode) if family in args.families]
         for number, (family, problem) in enumerate(cases, 1):
-            print(f"[{device} {number}/{len(cases)}] {family} {problem.shape} ...", file=sys.stderr, flush=True)
+            label = problem.shape if isinstance(problem.shape, str) else problem.label()
+            print(f"[{device} {number}/{len(cases)}] {family} {label} ...", file=sys.stderr, flush=True)
             rows += runners[family](problem, device, repeats=args.repeats)
     machine = "; ".join(machines)
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
