@@ -8,12 +8,13 @@ from tokenflow_ext.__main__ import main
 
 def test_bench_quick_writes_json_and_markdown(tmp_path, capsys):
     json_path, md_path = tmp_path / "r.json", tmp_path / "r.md"
-    status = main(["bench", "--quick", "--device", "cpu", "--repeats", "3", "--families", "search,gather",
+    status = main(["bench", "--quick", "--device", "cpu", "--repeats", "3", "--families", "search,gather,flow_step",
                    "--json", str(json_path), "--markdown", str(md_path)])
     assert status == 0
     payload = json.loads(json_path.read_text())
     families = {row["family"] for row in payload["rows"]}
-    assert families == {"codebook_search", "codebook_gather fwd+bwd"}
+    assert families == {"codebook_search", "codebook_gather fwd+bwd", "flow step s=2 stacked",
+                        "flow step s=2 stacked in place"}
     baselines = {row["baseline"] for row in payload["rows"] if row["family"] == "codebook_search"}
     assert {"official-eager", "lean-eager", "torch.compile"} <= baselines
     for row in payload["rows"]:

@@ -4,15 +4,19 @@
   the hand-written eager formula, ``torch.compile`` of it, and flow_matching's ``CondOTProbPath`` +
   ``mse_loss`` (where installed; its path has sigma_min = 0, so it is checked against ours at 0).
 - ``flow step``: one CFG + Euler update with precomputed velocities (no network), stacked ``(2B, ...)`` or
-  split layout, against eager (the diffusers pattern) and ``torch.compile``.
-- ``flow loop``: a 20-step guided Euler loop with a velocity function that returns precomputed velocities,
-  against the eager loop, torchdiffeq ``odeint(method="euler")`` and flow_matching ``ODESolver``.
+  split layout, out of place and in place, against eager (the diffusers pattern) and ``torch.compile``.
+- ``flow loop``: a guided Euler loop whose velocity function returns precomputed velocities, against the
+  eager loop, torchdiffeq ``odeint(method="euler")`` and flow_matching ``ODESolver`` (where installed).
+
+The ``*_callables`` factories give every implementation as a zero-argument callable, with "fused" first;
+the CLI cases and ``benchmarks/bench_flow_step.py`` both time those.
 """
 
 from __future__ import annotations
 
 import importlib.util
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -42,16 +46,23 @@ class FlowProblem:
         return [torch.randn(self.shape, generator=g).to(device=device, dtype=self.dtype) for _ in range(count)]
 
 
-def _row(family, problem, device, baseline, ours, theirs, ours_peak, their_peak, ok, agreement, note=""):
-    return Row(family=family, shape=problem.label(), dtype=_dtype_name(problem.dtype), device=device,
-               baseline=baseline, baseline_ms=None if theirs is None else theirs.median_ms, ours_ms=ours.median_ms,
-               baseline_peak=their_peak, ours_peak=ours_peak, agreement=agreement, ok=ok, note=note)
+def has_peer(name: str) -> bool:
+    return importlib.util.find_spec(name) is not None
 
 
-def _close(a, b, dtype) -> bool:
+def close(a, b, dtype) -> bool:
     tol = {torch.float32: 1e-4, torch.float64: 1e-9}.get(dtype, 3e-2)
     return torch.allclose(a.double(), b.double(), rtol=tol, atol=tol)
 
+
+_compiled: dict = {}
+
+
+def _compile(fn):
+    return _compiled.setdefault(fn, torch.compile(fn, dynamic=False))
+
+
+# ---- training: interpolate + loss, forward and backward ----------------------------------------------
 
 def _eager_train(x0, x1, t, v_pred):
     x_t, _ = interpolate_reference(x0, x1, t, SIGMA)
@@ -63,9 +74,6 @@ def _fused_train(x0, x1, t, v_pred):
     return x_t, flow.matching_loss(v_pred, x0, x1, SIGMA)
 
 
-_compiled_train = None
-
-
 def _flow_matching_train(x0, x1, t, v_pred):
     from flow_matching.path import CondOTProbPath  # noqa: PLC0415  (optional peer)
 
@@ -73,10 +81,8 @@ def _flow_matching_train(x0, x1, t, v_pred):
     return sample.x_t, F.mse_loss(v_pred.float(), sample.dx_t.float())
 
 
-def run_flow_train_case(problem: FlowProblem, device: str, *, repeats: int = 5) -> list[Row]:
-    global _compiled_train
-    if _compiled_train is None:
-        _compiled_train = torch.compile(_eager_train, dynamic=False)
+def train_callables(problem: FlowProblem, device: str) -> dict[str, Callable]:
+    """name -> callable returning (loss, x_t, (grad v_pred, grad x0)); "flow_matching" uses sigma_min = 0."""
     x0, x1, v_pred = problem.tensors(device, 3)
     t = torch.rand(problem.shape[0], generator=torch.Generator().manual_seed(1)).to(device)
 
@@ -85,39 +91,16 @@ def run_flow_train_case(problem: FlowProblem, device: str, *, repeats: int = 5) 
         x_t, loss = fn(leaves[1], x1, t, leaves[0])
         return loss, x_t, torch.autograd.grad(loss + x_t.float().mean(), leaves)
 
-    ours_fn = lambda: step(_fused_train)  # noqa: E731
-    ours_peak = peak_extra_memory(ours_fn, device)
-    ours = time_call(ours_fn, device, repeats=repeats)
-    loss, x_t, grads = ours_fn()
-    baselines = [("eager", _eager_train), ("torch.compile", _compiled_train)]
-    has_peer = importlib.util.find_spec("flow_matching") is not None
-    rows = []
-    for name, fn in baselines + ([("flow_matching", _flow_matching_train)] if has_peer else []):
-        run = lambda fn=fn: step(fn)  # noqa: E731
-        their_loss, their_xt, their_grads = run()
-        if name == "flow_matching":  # CondOT path: sigma_min = 0; compare with ours at 0
-            zero_xt, _ = flow.interpolate(x0, x1, t, 0.0)
-            ok = _close(flow.matching_loss(v_pred, x0, x1, 0.0), their_loss, problem.dtype) and _close(
-                zero_xt, their_xt, problem.dtype)
-        else:
-            ok = _close(loss, their_loss, problem.dtype) and _close(x_t, their_xt, problem.dtype) and all(
-                _close(a, b, problem.dtype) for a, b in zip(grads, their_grads))
-        rows.append(_row("flow train fwd+bwd", problem, device, name, ours, time_call(run, device, repeats=repeats),
-                         ours_peak, peak_extra_memory(run, device), ok, "values match" if ok else "FAIL"))
-    if not has_peer:
-        rows.append(_row("flow train fwd+bwd", problem, device, "flow_matching", ours, None, ours_peak, None, True,
-                         "-", note="flow_matching not installed"))
-    return rows
+    fns = {"fused": _fused_train, "eager": _eager_train, "torch.compile": _compile(_eager_train)}
+    if has_peer("flow_matching"):
+        fns["flow_matching"] = _flow_matching_train
+    callables = {name: (lambda fn=fn: step(fn)) for name, fn in fns.items()}
+    callables["fused at sigma_min=0"] = lambda: step(
+        lambda a, b, tt, v: (flow.interpolate(a, b, tt, 0.0)[0], flow.matching_loss(v, a, b, 0.0)))
+    return callables
 
 
-def _velocities(problem: FlowProblem, device: str):
-    x, v_cond, v_uncond = problem.tensors(device, 3, seed=2)
-    stacked = torch.cat([v_cond, v_uncond])
-    return x, v_cond, v_uncond, stacked
-
-
-_compiled_steps = {}
-
+# ---- one CFG + Euler step -------------------------------------------------------------------------------
 
 def _eager_step_inplace(x, v_cond, v_uncond, *, dt, guidance_scale):
     if v_uncond is None and v_cond.shape != x.shape:
@@ -126,84 +109,124 @@ def _eager_step_inplace(x, v_cond, v_uncond, *, dt, guidance_scale):
     return x.add_(velocity, alpha=dt)
 
 
-def run_flow_step_case(problem: FlowProblem, device: str, *, repeats: int = 5) -> list[Row]:
-    """One guided Euler update with precomputed velocities: out of place (a new x each call) and in place
-    (what a sampling loop does; no output allocation), each against eager and torch.compile in the same form."""
-    x, v_cond, v_uncond, stacked = _velocities(problem, device)
+def _one_step_inputs(problem: FlowProblem, device: str):
+    """(x, v_cond, v_uncond) of the step problem in its layout (stacked: v_cond is (2B, ...), v_uncond None)."""
+    x, v_cond, v_uncond = problem.tensors(device, 3, seed=2)
+    if problem.guidance_scale == 1.0:
+        return x, v_cond, None
+    if problem.layout == "stacked":
+        return x, torch.cat([v_cond, v_uncond]), None
+    return x, v_cond, v_uncond
+
+
+def step_callables(problem: FlowProblem, device: str, *, inplace: bool) -> dict[str, Callable]:
+    """name -> callable returning the updated x (in place: the same state tensor is updated every call)."""
+    x, *velocities = _one_step_inputs(problem, device)
     dt, s = 1.0 / problem.steps, problem.guidance_scale
-    args = (x, stacked, None) if problem.layout == "stacked" else (x, v_cond, v_uncond)
-    if s == 1.0:
-        args = (x, v_cond, None)
-    layout = problem.layout if s != 1.0 else "plain"
-    rows = []
-    forms = [("", flow.euler_step, euler_step_reference), (" in place", flow.euler_step_, _eager_step_inplace)]
-    for suffix, ours_op, eager_op in forms:
-        inplace = bool(suffix)
-        state = x.clone()
-        call_args = lambda: (state, *args[1:]) if inplace else args  # noqa: E731
-        ours_fn = lambda: ours_op(*call_args(), dt=dt, guidance_scale=s)  # noqa: E731
-        expected = flow.euler_step(*args, dt=dt, guidance_scale=s)
-        check = ours_op(*((x.clone(), *args[1:]) if inplace else args), dt=dt, guidance_scale=s)
-        ours_ok = _close(check, expected, problem.dtype)
-        ours = time_call(ours_fn, device, repeats=repeats)
-        ours_peak = peak_extra_memory(ours_fn, device)
-        compiled = _compiled_steps.setdefault(eager_op, torch.compile(eager_op, dynamic=False))
-        for name, fn in [("eager", eager_op), ("torch.compile", compiled)]:
-            their = fn(*((x.clone(), *args[1:]) if inplace else args), dt=dt, guidance_scale=s)
-            ok = ours_ok and _close(their, expected, problem.dtype)
-            run = lambda fn=fn: fn(*call_args(), dt=dt, guidance_scale=s)  # noqa: E731
-            rows.append(_row(f"flow step s={s:g} {layout}{suffix}", problem, device, name, ours,
-                             time_call(run, device, repeats=repeats), ours_peak, peak_extra_memory(run, device), ok,
-                             "values match" if ok else "FAIL"))
-    return rows
+    ours, eager = (flow.euler_step_, _eager_step_inplace) if inplace else (flow.euler_step, euler_step_reference)
+    implementations = {"fused": ours, "eager": eager, "torch.compile": _compile(eager)}
+    # in place: each implementation updates its own copy of x, call after call
+    states = {name: x.clone() if inplace else x for name in implementations}
+    return {name: (lambda fn=fn, state=states[name]: fn(state, *velocities, dt=dt, guidance_scale=s))
+            for name, fn in implementations.items()}
 
 
-def run_flow_loop_case(problem: FlowProblem, device: str, *, repeats: int = 3) -> list[Row]:
-    """A guided Euler loop of problem.steps steps; the velocity function returns precomputed velocities."""
-    x0, v_cond, v_uncond, stacked = _velocities(problem, device)
+# ---- a guided Euler loop ---------------------------------------------------------------------------------
+
+def loop_callables(problem: FlowProblem, device: str) -> dict[str, Callable]:
+    """name -> callable returning the final x of a problem.steps-step guided Euler loop from the same x0."""
+    x0, v_cond, v_uncond = problem.tensors(device, 3, seed=2)
+    stacked = torch.cat([v_cond, v_uncond])
     s, steps = problem.guidance_scale, problem.steps
 
     def model(x, t):
         return stacked  # one batched model call on [cond; uncond]
 
-    grid = flow.time_grid(steps)
-    ours_fn = lambda: flow.sample(model, x0, num_steps=steps, guidance_scale=s, progress=False)  # noqa: E731
-    ours = time_call(ours_fn, device, repeats=repeats)
-    ours_peak = peak_extra_memory(ours_fn, device)
-    result = ours_fn()
-
-    def eager_loop():
-        x = x0.clone()
-        for _, dt in grid:
-            v_c, v_u = model(x, None).chunk(2)
-            x = x + dt * (v_u + s * (v_c - v_u))
-        return x
-
     def guided(t, x):
         v_c, v_u = model(x, t).chunk(2)
         return v_u + s * (v_c - v_u)
 
-    baselines = [("eager loop", eager_loop)]
-    if importlib.util.find_spec("torchdiffeq") is not None:
+    def eager_loop():
+        x = x0.clone()
+        for _, dt in flow.time_grid(steps):
+            x = x + dt * guided(None, x)
+        return x
+
+    callables = {
+        "fused": lambda: flow.sample(model, x0, num_steps=steps, guidance_scale=s, progress=False),
+        "eager loop": eager_loop,
+    }
+    if has_peer("torchdiffeq"):
         from torchdiffeq import odeint  # noqa: PLC0415
 
-        times = torch.linspace(0, 1, steps + 1, device=device, dtype=torch.float64 if x0.dtype == torch.float64 else
-                               torch.float32)
-        baselines.append(("torchdiffeq euler", lambda: odeint(guided, x0, times, method="euler")[-1]))
-    if importlib.util.find_spec("flow_matching") is not None:
+        times = torch.linspace(0, 1, steps + 1, device=device)
+        callables["torchdiffeq euler"] = lambda: odeint(guided, x0, times.to(x0.dtype), method="euler")[-1]
+    if has_peer("flow_matching"):
         from flow_matching.solver import ODESolver  # noqa: PLC0415
 
         solver = ODESolver(velocity_model=lambda x, t: guided(t, x))
-        baselines.append(("flow_matching ODESolver", lambda: solver.sample(x_init=x0, step_size=1.0 / steps,
-                                                                           method="euler")))
+        callables["flow_matching ODESolver"] = lambda: solver.sample(x_init=x0, step_size=1.0 / steps, method="euler")
+    return callables
+
+
+# ---- CLI cases -------------------------------------------------------------------------------------------
+
+def _rows(family: str, problem: FlowProblem, device: str, callables: dict, check: Callable, repeats: int,
+          missing: tuple = ()) -> list[Row]:
+    """Time "fused" and every baseline; check(ours_result, baseline_name, baseline_result) -> bool first."""
+    ours_fn = callables["fused"]
+    ours_result = ours_fn()
+    ours_peak = peak_extra_memory(ours_fn, device)
+    ours = time_call(ours_fn, device, repeats=repeats)
     rows = []
-    family = f"flow loop {steps} steps s={s:g}"
-    for name, run in baselines:
-        ok = _close(result, run(), problem.dtype)
-        rows.append(_row(family, problem, device, name, ours, time_call(run, device, repeats=repeats), ours_peak,
-                         peak_extra_memory(run, device), ok, "values match" if ok else "FAIL"))
-    for peer, name in [("torchdiffeq", "torchdiffeq euler"), ("flow_matching", "flow_matching ODESolver")]:
-        if importlib.util.find_spec(peer) is None:
-            rows.append(_row(family, problem, device, name, ours, None, ours_peak, None, True, "-",
-                             note=f"{peer} not installed"))
+    common = dict(family=family, shape=problem.label(), dtype=_dtype_name(problem.dtype), device=device)
+    for name, run in callables.items():
+        if name.startswith("fused"):
+            continue
+        ok = check(ours_result, name, run())
+        rows.append(Row(**common, baseline=name, baseline_ms=time_call(run, device, repeats=repeats).median_ms,
+                        ours_ms=ours.median_ms, baseline_peak=peak_extra_memory(run, device), ours_peak=ours_peak,
+                        agreement="values match" if ok else "FAIL", ok=ok))
+    for peer, name in missing:
+        if not has_peer(peer):
+            rows.append(Row(**common, baseline=name, baseline_ms=None, ours_ms=ours.median_ms, baseline_peak=None,
+                            ours_peak=ours_peak, agreement="-", ok=True, note=f"{peer} not installed"))
     return rows
+
+
+def run_flow_train_case(problem: FlowProblem, device: str, *, repeats: int = 5) -> list[Row]:
+    callables = train_callables(problem, device)
+    at_zero = callables["fused at sigma_min=0"]()
+
+    def check(ours, name, theirs):
+        expected = at_zero if name == "flow_matching" else ours
+        values = [(expected[0], theirs[0]), (expected[1], theirs[1])]
+        if name != "flow_matching":
+            values += list(zip(ours[2], theirs[2]))
+        return all(close(a, b, problem.dtype) for a, b in values)
+
+    return _rows("flow train fwd+bwd", problem, device, callables, check, repeats,
+                 missing=(("flow_matching", "flow_matching"),))
+
+
+def run_flow_step_case(problem: FlowProblem, device: str, *, repeats: int = 5) -> list[Row]:
+    layout = problem.layout if problem.guidance_scale != 1.0 else "plain"
+    rows = []
+    for inplace in (False, True):
+        callables = step_callables(problem, device, inplace=inplace)
+        # A fresh set: the first call of each entry is exactly one step from x (in place too).
+        one_step = step_callables(problem, device, inplace=inplace)
+        expected = euler_step_reference(*_one_step_inputs(problem, device), dt=1.0 / problem.steps,
+                                        guidance_scale=problem.guidance_scale)
+        ours_ok = close(one_step["fused"](), expected, problem.dtype)
+        check = lambda ours, name, theirs: ours_ok and close(one_step[name](), expected, problem.dtype)  # noqa: E731
+        family = f"flow step s={problem.guidance_scale:g} {layout}" + (" in place" if inplace else "")
+        rows += _rows(family, problem, device, callables, check, repeats)
+    return rows
+
+
+def run_flow_loop_case(problem: FlowProblem, device: str, *, repeats: int = 3) -> list[Row]:
+    check = lambda ours, name, theirs: close(ours, theirs, problem.dtype)  # noqa: E731
+    return _rows(f"flow loop {problem.steps} steps s={problem.guidance_scale:g}", problem, device,
+                 loop_callables(problem, device), check, repeats,
+                 missing=(("torchdiffeq", "torchdiffeq euler"), ("flow_matching", "flow_matching ODESolver")))
