@@ -1,0 +1,90 @@
+"""Which cases a benchmark run contains: the --quick / default / --full grids and the --sizes override."""
+
+from __future__ import annotations
+
+import torch
+
+from . import codebook, flow
+from .codebook import CodebookProblem
+from .flow import FlowProblem
+
+FAMILIES = ["search", "gather", "quantize", "flow_train", "flow_step", "flow_loop"]
+CODEBOOK_FAMILIES = {"search", "gather", "quantize"}
+
+RUNNERS = {
+    "search": codebook.run_search_case,
+    "gather": codebook.run_gather_case,
+    "quantize": codebook.run_quantize_case,
+    "flow_train": flow.run_flow_train_case,
+    "flow_step": flow.run_flow_step_case,
+    "flow_loop": flow.run_flow_loop_case,
+}
+
+FLOWTOK, WIDE = (256, 77, 16), (64, 4096, 64)
+
+
+def grid(mode: str) -> list[tuple[str, object]]:
+    """(family, problem) pairs. quick: seconds; default: about a minute on 2 cores; full: PERF.md's grid."""
+    if mode == "quick":
+        return [("search", CodebookProblem(2048, 4096)), ("gather", CodebookProblem(16384, 8192)),
+                ("quantize", CodebookProblem(1024, 4096)), ("flow_train", FlowProblem(FLOWTOK)),
+                ("flow_step", FlowProblem(FLOWTOK)), ("flow_loop", FlowProblem(FLOWTOK))]
+    if mode == "default":
+        return [("search", CodebookProblem(4096, 8192)), ("search", CodebookProblem(1024, 32768)),
+                ("gather", CodebookProblem(65536, 32768)), ("quantize", CodebookProblem(2048, 8192)),
+                ("flow_train", FlowProblem(FLOWTOK)), ("flow_step", FlowProblem(FLOWTOK)),
+                ("flow_step", FlowProblem(FLOWTOK, torch.bfloat16)), ("flow_step", FlowProblem(WIDE)),
+                ("flow_loop", FlowProblem(FLOWTOK))]
+    cases = [("search", CodebookProblem(8192, 16384)), ("search", CodebookProblem(8192, 16384, pixel_weight=1.0)),
+             ("search", CodebookProblem(729, 32768)), ("search", CodebookProblem(8192, 16384, 8, 0)),
+             ("search", CodebookProblem(65536, 32768)), ("gather", CodebookProblem(65536, 32768)),
+             ("quantize", CodebookProblem(4096, 16384))]
+    for shape in (FLOWTOK, WIDE):
+        cases += [("flow_train", FlowProblem(shape)), ("flow_train", FlowProblem(shape, torch.bfloat16)),
+                  ("flow_step", FlowProblem(shape)), ("flow_step", FlowProblem(shape, torch.bfloat16)),
+                  ("flow_step", FlowProblem(shape, layout="split")),
+                  ("flow_step", FlowProblem(shape, guidance_scale=1.0)), ("flow_loop", FlowProblem(shape)),
+                  ("flow_loop", FlowProblem(shape, steps=50))]
+    return cases
+
+
+def parse_sizes(text: str) -> list[tuple[int, ...]]:
+    """'8192x16384,256x77x16' -> [(8192, 16384), (256, 77, 16)]: NxK for codebook cases, BxLxD for flow."""
+    sizes = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        try:
+            dims = tuple(int(d) for d in item.lower().split("x"))
+        except ValueError:
+            raise ValueError(f"--sizes: {item!r} is not like 8192x16384 (N x K) or 256x77x16 (flow shape)") from None
+        if len(dims) < 2 or min(dims) < 1:
+            raise ValueError(f"--sizes: {item!r} needs at least two positive dims")
+        sizes.append(dims)
+    return sizes
+
+
+def cases_for(mode: str, families: list[str], sizes: list[tuple[int, ...]] | None) -> list[tuple[str, object]]:
+    """The run's cases: the mode's grid, or the given sizes (2 dims: codebook N x K; more: a flow shape)."""
+    if sizes is None:
+        return [(family, problem) for family, problem in grid(mode) if family in families]
+    cases = []
+    for family in families:
+        for dims in sizes:
+            if family in CODEBOOK_FAMILIES and len(dims) == 2:
+                cases.append((family, CodebookProblem(*dims)))
+            elif family not in CODEBOOK_FAMILIES and len(dims) > 2:
+                cases.append((family, FlowProblem(dims)))
+    return cases
+
+
+def problem_label(problem) -> str:
+    return problem.shape if isinstance(problem, CodebookProblem) else problem.label()
+
+
+def problem_size(problem) -> int:
+    """The x axis of the speedup plot: N*K for codebook cases, elements for flow cases."""
+    if isinstance(problem, CodebookProblem):
+        return problem.n * problem.k
+    size = 1
+    for dim in problem.shape:
+        size *= dim
+    return size
