@@ -51,7 +51,7 @@ def test_sizes_override_and_plot(tmp_path):
     assert status == 0
     rows = json.loads(json_path.read_text())["rows"]
     assert {row["shape"] for row in rows if row["family"] == "codebook_search"} == {
-        "N=300 K=700 D=32+8", "N=600 K=700 D=32+8"}
+        "N=300 K=700 D=32+8 w=0.5", "N=600 K=700 D=32+8 w=0.5"}
     assert {row["shape"] for row in rows if row["family"].startswith("flow step")} == {"4x77x16"}
     assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -100,3 +100,19 @@ def test_bad_input_names_the_problem():
         tokenflow_ext.quantize(x, semantic)
     with pytest.raises(RuntimeError, match="pixel_weight must be finite and >= 0"):
         tokenflow_ext.quantize(x, semantic, pixel, pixel_weight=-1.0)
+
+
+def test_official_parity_fixture():
+    """SPEC §5.1: the official VectorQuantizer(32768, split=[32, 8]) built after torch.manual_seed(0), fed
+    torch.manual_seed(1); randn(2, 40, 4, 4) in eval mode, picks these first eight indices."""
+    torch.manual_seed(0)
+    books = []
+    for width in (32, 8):  # the official init order: Embedding (normal init), uniform_(-1/K, 1/K), normalize
+        embedding = torch.nn.Embedding(32768, width)
+        embedding.weight.data.uniform_(-1.0 / 32768, 1.0 / 32768)
+        books.append(F.normalize(embedding.weight.data, p=2, dim=-1))
+    torch.manual_seed(1)
+    z = torch.randn(2, 40, 4, 4)
+    res = tokenflow_ext.quantize(z.permute(0, 2, 3, 1), *books)
+    assert res.indices.reshape(-1)[:8].tolist() == [2755, 3485, 24588, 13797, 31719, 30217, 4913, 20538]
+    assert res.indices.shape == (2, 4, 4)  # row-major (b, h, w), as the official flattening

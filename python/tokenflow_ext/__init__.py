@@ -8,6 +8,7 @@ Public API::
     rows = tokenflow_ext.codebook_gather(idx, semantic_codebook, pixel_codebook=None, *, l2_norm=True)
     tokenflow_ext.build_info()
     from tokenflow_ext import flow    # flow-matching ops, loss and sampler (FlowTok)
+    tokenflow_ext.nn.DualCodebookQuantizer, tokenflow_ext.nn.MultiScaleQuantizer   # TokenFlow quantizer modules
 
 The ops are also reachable as ``torch.ops.tokenflow_ext.*`` (they work under ``torch.compile``).
 """
@@ -15,11 +16,11 @@ The ops are also reachable as ``torch.ops.tokenflow_ext.*`` (they work under ``t
 import torch  # noqa: F401  (loads libtorch before the extension)
 
 from . import _C  # noqa: F401  (registers the ops with the dispatcher)
-from . import flow
+from . import flow, nn
 from ._build import build_info
 from .ops import codebook_gather, codebook_search
 from .quantize import QuantizeResult, quantize
 
 __version__ = _C.__version__
 
-__all__ = ["QuantizeResult", "build_info", "flow", "codebook_gather", "codebook_search", "quantize", "__version__"]
+__all__ = ["QuantizeResult", "build_info", "flow", "nn", "codebook_gather", "codebook_search", "quantize", "__version__"]

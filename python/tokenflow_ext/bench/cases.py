@@ -5,16 +5,17 @@ from __future__ import annotations
 import torch
 
 from . import codebook, flow
-from .codebook import CodebookProblem
+from .codebook import CodebookProblem, MultiScaleProblem
 from .flow import FlowProblem
 
-FAMILIES = ["search", "gather", "quantize", "flow_train", "flow_step", "flow_loop"]
-CODEBOOK_FAMILIES = {"search", "gather", "quantize"}
+FAMILIES = ["search", "gather", "quantize", "multiscale", "flow_train", "flow_step", "flow_loop"]
+CODEBOOK_FAMILIES = {"search", "gather", "quantize", "multiscale"}
 
 RUNNERS = {
     "search": codebook.run_search_case,
     "gather": codebook.run_gather_case,
     "quantize": codebook.run_quantize_case,
+    "multiscale": codebook.run_multiscale_case,
     "flow_train": flow.run_flow_train_case,
     "flow_step": flow.run_flow_step_case,
     "flow_loop": flow.run_flow_loop_case,
@@ -38,7 +39,7 @@ def grid(mode: str) -> list[tuple[str, object]]:
     cases = [("search", CodebookProblem(8192, 16384)), ("search", CodebookProblem(8192, 16384, pixel_weight=1.0)),
              ("search", CodebookProblem(729, 32768)), ("search", CodebookProblem(8192, 16384, 8, 0)),
              ("search", CodebookProblem(65536, 32768)), ("gather", CodebookProblem(65536, 32768)),
-             ("quantize", CodebookProblem(4096, 16384))]
+             ("quantize", CodebookProblem(4096, 16384)), ("multiscale", MultiScaleProblem())]
     for shape in (FLOWTOK, WIDE):
         cases += [("flow_train", FlowProblem(shape)), ("flow_train", FlowProblem(shape, torch.bfloat16)),
                   ("flow_step", FlowProblem(shape)), ("flow_step", FlowProblem(shape, torch.bfloat16)),
@@ -63,12 +64,15 @@ def parse_sizes(text: str) -> list[tuple[int, ...]]:
 
 
 def cases_for(mode: str, families: list[str], sizes: list[tuple[int, ...]] | None) -> list[tuple[str, object]]:
-    """The run's cases: the mode's grid, or the given sizes (2 dims: codebook N x K; more: a flow shape)."""
+    """The run's cases: the mode's grid, or the given sizes (2 dims: codebook N x K; more: a flow shape).
+    The multiscale family (a full TokenFlow batch) runs in the full grid only."""
     if sizes is None:
         return [(family, problem) for family, problem in grid(mode) if family in families]
     cases = []
     for family in families:
         for dims in sizes:
+            if family == "multiscale":
+                continue
             if family in CODEBOOK_FAMILIES and len(dims) == 2:
                 cases.append((family, CodebookProblem(*dims)))
             elif family not in CODEBOOK_FAMILIES and len(dims) > 2:
@@ -77,13 +81,17 @@ def cases_for(mode: str, families: list[str], sizes: list[tuple[int, ...]] | Non
 
 
 def problem_label(problem) -> str:
-    return problem.shape if isinstance(problem, CodebookProblem) else problem.label()
+    return problem.label() if isinstance(problem, FlowProblem) else problem.shape
 
 
 def problem_size(problem) -> int:
     """The x axis of the speedup plot: N*K for codebook cases, elements for flow cases."""
     if isinstance(problem, CodebookProblem):
         return problem.n * problem.k
+    if isinstance(problem, MultiScaleProblem):
+        from tokenflow_ext.nn import SCALE_PRESETS  # noqa: PLC0415
+
+        return problem.batch * sum(s * s for s in SCALE_PRESETS[problem.preset]) * problem.k
     size = 1
     for dim in problem.shape:
         size *= dim

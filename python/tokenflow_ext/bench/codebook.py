@@ -41,7 +41,8 @@ class CodebookProblem:
 
     @property
     def shape(self) -> str:
-        return f"N={self.n} K={self.k} D={self.semantic_dim}+{self.pixel_dim}"
+        weight = f" w={self.pixel_weight:g}" if self.pixel_dim else ""
+        return f"N={self.n} K={self.k} D={self.semantic_dim}+{self.pixel_dim}{weight}"
 
     def nk_bytes(self) -> int:
         return self.n * self.k * 4
@@ -244,3 +245,54 @@ def run_quantize_case(problem: CodebookProblem, device: str, *, repeats: int = 3
                 baseline="official-eager", baseline_ms=eager.median_ms, ours_ms=ours.median_ms,
                 baseline_peak=eager_peak, ours_peak=ours_peak,
                 agreement=f"{100 * exact:.2f}%" + ("" if ok else " FAIL"), ok=ok)]
+
+
+@dataclass
+class MultiScaleProblem:
+    """One TokenFlow training batch through the multi-scale quantizer (issue: B=8, siglip scales, K=32768)."""
+
+    batch: int = 8
+    preset: str = "siglip_384"
+    k: int = 32768
+
+    @property
+    def shape(self) -> str:
+        return f"B={self.batch} {self.preset} K={self.k}"
+
+
+def multiscale_step_callables(problem: MultiScaleProblem, device: str) -> dict[str, Callable]:
+    """"fused" and "official-eager" train steps (vq + commit + entropy losses and a feature loss, backward);
+    each returns the indices. The official formulation is TokenFlow's, with its N x K side computations."""
+    from tokenflow_ext.nn import DualCodebookQuantizer, MultiScaleQuantizer  # noqa: PLC0415
+    from tokenflow_ext.reference import official_multiscale_encode  # noqa: PLC0415
+
+    torch.manual_seed(0)
+    quantizer = DualCodebookQuantizer(problem.k).to(device)
+    ms = MultiScaleQuantizer(quantizer, problem.preset, random_scale_drop=False).train()
+    size = ms.scales[-1]
+    h = torch.randn(problem.batch, 40, size, size, device=device)
+
+    def step(encode):
+        leaf = h.detach().requires_grad_()
+        features, losses, indices = encode(leaf)
+        (losses[0] + losses[1] + losses[2] + features.square().mean()).backward()
+        quantizer.zero_grad(set_to_none=True)
+        return indices
+
+    official = lambda leaf: official_multiscale_encode(  # noqa: E731
+        leaf, quantizer.embedding_vqkd.weight, quantizer.embedding_vqgan.weight, ms.scales, training=True)
+    return {"fused": lambda: step(ms), "official-eager": lambda: step(official)}
+
+
+def run_multiscale_case(problem: MultiScaleProblem, device: str, *, repeats: int = 3) -> list[Row]:
+    callables = multiscale_step_callables(problem, device)
+    ours_indices, their_indices = callables["fused"](), callables["official-eager"]()
+    ok = torch.equal(ours_indices, their_indices)
+    ours_peak = peak_extra_memory(callables["fused"], device)
+    their_peak = peak_extra_memory(callables["official-eager"], device)
+    ours = time_call(callables["fused"], device, warmup=1, repeats=min(repeats, 3))
+    theirs = time_call(callables["official-eager"], device, warmup=0, repeats=min(repeats, 3))
+    return [Row(family="multi-scale quantizer fwd+bwd", shape=problem.shape, dtype="float32", device=device,
+                baseline="official-eager", baseline_ms=theirs.median_ms, ours_ms=ours.median_ms,
+                baseline_peak=their_peak, ours_peak=ours_peak,
+                agreement="indices match" if ok else "FAIL", ok=ok)]

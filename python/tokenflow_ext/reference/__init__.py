@@ -7,12 +7,15 @@ from .codebook import (
     index_agreement,
     quantize_reference,
 )
+from .quantizer import official_multiscale_encode, official_quantizer_forward
 from .flow import euler_step_reference, interpolate_reference, matching_loss_reference, sample_reference
 
 __all__ = [
     "euler_step_reference",
     "interpolate_reference",
     "matching_loss_reference",
+    "official_multiscale_encode",
+    "official_quantizer_forward",
     "sample_reference",
     "codebook_distances",
     "codebook_gather_reference",
