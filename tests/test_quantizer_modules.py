@@ -169,3 +169,69 @@ def test_quantizer_memory_stays_bounded():
     with torch.no_grad():
         peak = peak_extra_memory(lambda: ms(h), "cpu")
     assert peak is not None and peak < 128 * 2**20, f"{peak / 2**20:.0f} MiB"
+
+
+def one_hot_ema_reference(semantic, pixel, samples, indices, decay):
+    """The official EMA step written with a one-hot, extended to both codebooks."""
+    one_hot = F.one_hot(indices, semantic.shape[0]).float()
+    bins = one_hot.sum(0)
+    new = []
+    for old, part in ((semantic, samples[:, :32]), (pixel, samples[:, 32:])):
+        mean = F.normalize((one_hot.t() @ part) / bins.clamp_min(1)[:, None], dim=-1)
+        mean = torch.where((bins == 0)[:, None], old, mean)
+        new.append(F.normalize(decay * old + (1 - decay) * mean, dim=-1))
+    return new
+
+
+def test_ema_step_matches_the_one_hot_formulation():
+    q = small_quantizer(size=64, ema=True, ema_decay=0.9).train()
+    assert not q.embedding_vqkd.weight.requires_grad
+    before = [F.normalize(q.embedding_vqkd.weight.detach().clone(), dim=-1),
+              F.normalize(q.embedding_vqgan.weight.detach().clone(), dim=-1)]
+    q.embedding_vqkd.weight.data.copy_(before[0])
+    q.embedding_vqgan.weight.data.copy_(before[1])
+    z = torch.randn(2, 40, 6, 6, requires_grad=True)
+    z_q, losses, (_, _, indices) = q(z)
+    samples = torch.cat([F.normalize(z.detach().permute(0, 2, 3, 1)[..., :32], dim=-1),
+                         F.normalize(z.detach().permute(0, 2, 3, 1)[..., 32:], dim=-1)], -1).reshape(-1, 40)
+    expected = one_hot_ema_reference(*before, samples, indices, 0.9)
+    torch.testing.assert_close(q.embedding_vqkd.weight, expected[0], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(q.embedding_vqgan.weight, expected[1], atol=1e-6, rtol=1e-5)
+    codes = torch.cat(before, -1)[indices].reshape(2, 6, 6, 40)  # z_q uses the codes before the update
+    torch.testing.assert_close(z_q.permute(0, 2, 3, 1), codes, atol=1e-6, rtol=1e-6)
+    assert losses[0] == 0
+    squared = (codes - samples.reshape(2, 6, 6, 40)) ** 2
+    torch.testing.assert_close(losses[1], 0.25 * (squared[..., :32].mean() + squared[..., 32:].mean()))
+    losses[1].backward()
+    assert z.grad.abs().sum() > 0
+
+
+def test_kmeans_init_clusters_both_codebooks():
+    torch.manual_seed(6)
+    centers = torch.randn(8, 40)
+    z = (centers[torch.arange(8).repeat(32)] + 0.01 * torch.randn(256, 40)).reshape(4, 8, 8, 40).permute(0, 3, 1, 2)
+    q = DualCodebookQuantizer(64, kmeans_init=True).train()
+    q(z)
+    assert bool(q.kmeans_initted)
+    found = torch.cat([q.embedding_vqkd.weight, q.embedding_vqgan.weight], dim=1)
+    unit_centers = torch.cat([F.normalize(centers[:, :32], dim=-1), F.normalize(centers[:, 32:], dim=-1)], dim=1)
+    similarity = found[:, :32] @ unit_centers[:, :32].t() + found[:, 32:] @ unit_centers[:, 32:].t()
+    assert similarity.max(dim=0).values.min() > 1.99  # every planted center is recovered, in both parts
+    assert similarity.max(dim=1).values.min() > 1.99  # and every code sits on one (the pixel part is set too)
+    before = found.clone()
+    q(z)  # initialised once only
+    assert torch.equal(torch.cat([q.embedding_vqkd.weight, q.embedding_vqgan.weight], dim=1), before)
+
+
+def test_distributed_ranks_keep_identical_codebooks(tmp_path):
+    """2 processes (gloo, CPU, loopback): k-means on all-gathered samples, all-reduced EMA statistics."""
+    import torch.multiprocessing as mp
+    from dist_worker import make_batches, run, train_quantizer
+
+    mp.spawn(run, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert torch.equal(ranks[0]["semantic"], ranks[1]["semantic"]) and torch.equal(ranks[0]["pixel"], ranks[1]["pixel"])
+    # the same as one process that sees both ranks' batches at once
+    single = train_quantizer([torch.cat(pair) for pair in zip(make_batches(0), make_batches(1))])
+    torch.testing.assert_close(ranks[0]["semantic"], single[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ranks[0]["pixel"], single[1], atol=1e-5, rtol=1e-5)

@@ -10,6 +10,7 @@ from .._parts import normalize_parts
 from ..ops.codebook_gather import codebook_gather
 from ..ops.codebook_search import codebook_search
 from ._stats import entropy_loss, mean_squared_distance_sum
+from .codebook_ema import ema_update_, kmeans_init_
 
 OFFICIAL_USAGE_WINDOW = 131072
 
@@ -34,12 +35,22 @@ class DualCodebookQuantizer(nn.Module):
     larger than the window keeps its last ``usage_window`` indices; the non-l2 path works; the entropy loss
     (only computed when its ratio > 0; 0 otherwise) and the two ``d_norm`` logging values run in bounded
     memory (chunked with recomputation, and closed-form codebook moments).
+
+    Options (off by default, as in the released checkpoints), for both codebooks together:
+
+    - ``kmeans_init``: on the first training batch, cosine k-means (``kmeans_iters`` iterations) over the
+      normalised features of all ranks initialises the codebooks (buffer ``kmeans_initted``);
+    - ``ema``: the codebooks are not trained by gradient but by an exponential moving average
+      (``ema_decay``) of the features assigned to each code, re-normalised (official ``norm_ema_inplace``);
+      then ``vq_loss`` is 0 and ``commit_loss = beta * (mean_s + mean_p)`` as in the official EMA mode.
+      Under ``torch.distributed`` the statistics are all-reduced: every rank keeps identical codebooks.
     """
 
     def __init__(self, codebook_size: int = 32768, semantic_dim: int = 32, pixel_dim: int = 8, beta: float = 0.25,
                  entropy_loss_ratio: float = 0.0, l2_norm: bool = True, show_usage: bool = True,
                  pixel_weight: float = 1.0, *, usage_window: int = OFFICIAL_USAGE_WINDOW,
-                 deterministic: bool | None = None):
+                 deterministic: bool | None = None, kmeans_init: bool = False, kmeans_iters: int = 10,
+                 ema: bool = False, ema_decay: float = 0.99):
         super().__init__()
         if codebook_size < 1 or semantic_dim < 1 or pixel_dim < 1:
             raise ValueError("DualCodebookQuantizer: codebook_size, semantic_dim and pixel_dim must be >= 1")
@@ -59,6 +70,19 @@ class DualCodebookQuantizer(nn.Module):
         self.embedding_vqgan = self._make_codebook(codebook_size, pixel_dim)
         if show_usage:
             self.register_buffer("codebook_used", torch.zeros(usage_window))
+        if (kmeans_init or ema) and not l2_norm:
+            raise ValueError("DualCodebookQuantizer: kmeans_init and ema work on l2-normalised codebooks")
+        if not 0.0 <= ema_decay < 1.0:
+            raise ValueError(f"DualCodebookQuantizer: ema_decay must be in [0, 1), got {ema_decay}")
+        self.kmeans_init = kmeans_init
+        self.kmeans_iters = kmeans_iters
+        self.ema = ema
+        self.ema_decay = ema_decay
+        if kmeans_init:
+            self.register_buffer("kmeans_initted", torch.tensor(False))
+        if ema:
+            self.embedding_vqkd.weight.requires_grad_(False)
+            self.embedding_vqgan.weight.requires_grad_(False)
 
     def _make_codebook(self, size: int, width: int) -> nn.Embedding:
         embedding = nn.Embedding(size, width)
@@ -84,6 +108,10 @@ class DualCodebookQuantizer(nn.Module):
         semantic, pixel = self.embedding_vqkd.weight, self.embedding_vqgan.weight
         channel_last = z.permute(0, 2, 3, 1)
         z_hat = normalize_parts(channel_last, self.split[0]) if self.l2_norm else channel_last
+        if self.training and self.kmeans_init and not bool(self.kmeans_initted):
+            kmeans_init_(semantic.data, pixel.data, z_hat.detach().reshape(-1, self.e_dim),
+                         iterations=self.kmeans_iters, pixel_weight=self.pixel_weight)
+            self.kmeans_initted.fill_(True)
         indices, _ = codebook_search(channel_last.detach(), semantic.detach(), pixel.detach(),
                                      pixel_weight=self.pixel_weight, l2_norm=self.l2_norm)
         codes = codebook_gather(indices, semantic, pixel, l2_norm=self.l2_norm, deterministic=self.deterministic)
@@ -99,8 +127,14 @@ class DualCodebookQuantizer(nn.Module):
         if self.training:
             if self.show_usage:
                 usage = self._update_usage(flat_indices)
-            vq_loss = torch.mean((codes - z_hat.detach()) ** 2)
-            commit_loss = self.beta * torch.mean((codes.detach() - z_hat) ** 2)
+            if self.ema:  # codes were gathered before the update, as in the official order
+                ema_update_(semantic.data, pixel.data, z_flat, flat_indices, decay=self.ema_decay)
+                vq_loss = z.new_zeros((), dtype=torch.float32)
+                squared = (codes.detach() - z_hat) ** 2
+                commit_loss = self.beta * (squared[..., :self.split[0]].mean() + squared[..., self.split[0]:].mean())
+            else:
+                vq_loss = torch.mean((codes - z_hat.detach()) ** 2)
+                commit_loss = self.beta * torch.mean((codes.detach() - z_hat) ** 2)
             entropy = z.new_zeros((), dtype=torch.float32)
             if self.entropy_loss_ratio > 0:
                 flat = z_hat.reshape(-1, self.e_dim)
