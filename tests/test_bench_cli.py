@@ -17,6 +17,8 @@ def test_bench_quick_writes_json_and_markdown(tmp_path, capsys):
                         "flow step s=2 stacked in place"}
     baselines = {row["baseline"] for row in payload["rows"] if row["family"] == "codebook_search"}
     assert {"official-eager", "lean-eager", "torch.compile"} <= baselines
+    assert {row["baseline"] for row in payload["rows"] if row["family"] == "codebook_gather fwd+bwd"} == {
+        "eager-index", "torch.compile"}
     for row in payload["rows"]:
         assert row["ok"] and row["ours_ms"] > 0
     assert payload["machine"] and payload["date"]

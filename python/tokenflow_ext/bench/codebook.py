@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -26,6 +26,7 @@ from tokenflow_ext.reference import (
     quantize_reference,
 )
 
+from .rows import Row, compare_implementations, dtype_name
 from .timing import peak_extra_memory, time_call
 
 
@@ -121,33 +122,6 @@ def search_baselines(device: str) -> list[Baseline]:
     return baselines
 
 
-@dataclass
-class Row:
-    """One line of the report: the fused op against one baseline on one case."""
-
-    family: str
-    shape: str
-    dtype: str
-    device: str
-    baseline: str
-    baseline_ms: float | None
-    ours_ms: float
-    baseline_peak: int | None
-    ours_peak: int | None
-    agreement: str
-    ok: bool
-    note: str = ""
-    extra: dict = field(default_factory=dict)
-
-    @property
-    def speedup(self) -> float | None:
-        return None if self.baseline_ms is None else self.baseline_ms / self.ours_ms
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
-
-
 def _available_bytes(device: str) -> int:
     if device.startswith("cuda"):
         free, _ = torch.cuda.mem_get_info()
@@ -173,7 +147,7 @@ def run_search_case(problem: CodebookProblem, device: str, *, repeats: int = 5,
     ours = time_call(fused, device, repeats=repeats)
     ours_indices = fused()
     rows = []
-    common = dict(family="codebook_search", shape=problem.shape, dtype=_dtype_name(problem.dtype), device=device)
+    common = dict(family="codebook_search", shape=problem.shape, dtype=dtype_name(problem.dtype), device=device)
     for baseline in baselines if baselines is not None else search_baselines(device):
         needed = int(baseline.memory_factor * problem.nk_bytes())
         if baseline.missing or needed > 0.8 * _available_bytes(device):
@@ -193,8 +167,16 @@ def run_search_case(problem: CodebookProblem, device: str, *, repeats: int = 5,
     return rows
 
 
+_compiled_references: dict = {}
+
+
+def _compiled(fn):
+    return _compiled_references.setdefault(fn, torch.compile(fn, dynamic=False))
+
+
 def run_gather_case(problem: CodebookProblem, device: str, *, repeats: int = 5) -> list[Row]:
-    """codebook_gather forward + backward (both codebooks, l2-normalised) against torch indexing + autograd."""
+    """codebook_gather forward + backward (both codebooks, l2-normalised) against torch indexing + autograd,
+    eager and compiled."""
     _, semantic, pixel = problem.tensors(device)
     g = torch.Generator().manual_seed(problem.seed + 1)
     indices = torch.randint(0, problem.k, (problem.n,), generator=g).to(device)
@@ -203,48 +185,47 @@ def run_gather_case(problem: CodebookProblem, device: str, *, repeats: int = 5) 
     def step(gather):
         leaves = [semantic.detach().requires_grad_(), pixel.detach().requires_grad_()]
         rows = gather(indices, *leaves)
-        grads = torch.autograd.grad(rows, leaves, upstream)
-        return rows, grads
+        return rows, torch.autograd.grad(rows, leaves, upstream)
 
-    ours_fn = lambda: step(tokenflow_ext.codebook_gather)  # noqa: E731
-    eager_fn = lambda: step(codebook_gather_reference)  # noqa: E731
-    (rows_a, grads_a), (rows_b, grads_b) = ours_fn(), eager_fn()
-    ok = torch.allclose(rows_a, rows_b, atol=1e-5) and all(
-        torch.allclose(a, b, atol=1e-4, rtol=1e-4) for a, b in zip(grads_a, grads_b))
-    ours_peak, eager_peak = peak_extra_memory(ours_fn, device), peak_extra_memory(eager_fn, device)
-    ours, eager = time_call(ours_fn, device, repeats=repeats), time_call(eager_fn, device, repeats=repeats)
-    return [Row(family="codebook_gather fwd+bwd", shape=f"N={problem.n} K={problem.k} D={problem.semantic_dim}"
-                f"+{problem.pixel_dim}", dtype=_dtype_name(problem.dtype), device=device, baseline="eager-index",
-                baseline_ms=eager.median_ms, ours_ms=ours.median_ms, baseline_peak=eager_peak, ours_peak=ours_peak,
-                agreement="values match" if ok else "FAIL", ok=ok)]
+    callables = {name: (lambda fn=fn: step(fn)) for name, fn in {
+        "fused": tokenflow_ext.codebook_gather, "eager-index": codebook_gather_reference,
+        "torch.compile": _compiled(codebook_gather_reference)}.items()}
+
+    def check(ours, name, theirs):
+        ok = torch.allclose(ours[0], theirs[0], atol=1e-5) and all(
+            torch.allclose(a, b, atol=1e-4, rtol=1e-4) for a, b in zip(ours[1], theirs[1]))
+        return ok, "values match" if ok else "FAIL"
+
+    shape = f"N={problem.n} K={problem.k} D={problem.semantic_dim}+{problem.pixel_dim}"
+    return compare_implementations("codebook_gather fwd+bwd", shape, problem.dtype, device, callables, check,
+                                   repeats=repeats)
 
 
 def run_quantize_case(problem: CodebookProblem, device: str, *, repeats: int = 3) -> list[Row]:
-    """quantize() forward + backward (vq + commitment losses) against the official eager quantizer."""
+    """quantize() forward + backward (vq + commitment losses) against the official quantizer, eager and compiled."""
     x, semantic, pixel = problem.tensors(device)
     w = problem.pixel_weight
 
     def step(quantize_fn):
         leaves = [t.detach().requires_grad_() for t in (x, semantic, pixel)]
-        out = quantize_fn(*leaves)
-        indices, codes, quantized = out[0], out[1], out[2]
+        indices, codes, quantized = quantize_fn(*leaves, pixel_weight=w)[:3]
         x_hat = normalize_parts(leaves[0], problem.semantic_dim)
         loss = ((codes - x_hat.detach()) ** 2).mean() + 0.25 * ((codes.detach() - x_hat) ** 2).mean()
         loss = loss + quantized.square().mean()
         return indices, torch.autograd.grad(loss, leaves)
 
-    ours_fn = lambda: step(lambda a, b, c: tokenflow_ext.quantize(a, b, c, pixel_weight=w))  # noqa: E731
-    eager_fn = lambda: step(lambda a, b, c: quantize_reference(a, b, c, pixel_weight=w))  # noqa: E731
-    (idx_a, grads_a), (idx_b, grads_b) = ours_fn(), eager_fn()
-    exact, gap, ok = index_agreement(x, semantic, pixel, idx_a, idx_b, pixel_weight=w)
-    if exact == 1.0:
-        ok = ok and all(torch.allclose(a, b, atol=1e-5, rtol=1e-4) for a, b in zip(grads_a, grads_b))
-    ours_peak, eager_peak = peak_extra_memory(ours_fn, device), peak_extra_memory(eager_fn, device)
-    ours, eager = time_call(ours_fn, device, repeats=repeats), time_call(eager_fn, device, repeats=repeats)
-    return [Row(family="quantize fwd+bwd", shape=problem.shape, dtype=_dtype_name(problem.dtype), device=device,
-                baseline="official-eager", baseline_ms=eager.median_ms, ours_ms=ours.median_ms,
-                baseline_peak=eager_peak, ours_peak=ours_peak,
-                agreement=f"{100 * exact:.2f}%" + ("" if ok else " FAIL"), ok=ok)]
+    callables = {name: (lambda fn=fn: step(fn)) for name, fn in {
+        "fused": tokenflow_ext.quantize, "official-eager": quantize_reference,
+        "torch.compile": _compiled(quantize_reference)}.items()}
+
+    def check(ours, name, theirs):
+        exact, gap, ok = index_agreement(x, semantic, pixel, ours[0], theirs[0], pixel_weight=w)
+        if exact == 1.0:
+            ok = ok and all(torch.allclose(a, b, atol=1e-5, rtol=1e-4) for a, b in zip(ours[1], theirs[1]))
+        return ok, f"{100 * exact:.2f}%" + ("" if ok else " FAIL")
+
+    return compare_implementations("quantize fwd+bwd", problem.shape, problem.dtype, device, callables, check,
+                                   repeats=repeats)
 
 
 @dataclass

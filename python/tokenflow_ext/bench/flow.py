@@ -24,8 +24,7 @@ import torch.nn.functional as F
 from tokenflow_ext import flow
 from tokenflow_ext.reference import euler_step_reference, interpolate_reference, matching_loss_reference
 
-from .codebook import Row, _dtype_name
-from .timing import peak_extra_memory, time_call
+from .rows import Row, compare_implementations
 
 SIGMA = 1e-5
 
@@ -173,25 +172,13 @@ def loop_callables(problem: FlowProblem, device: str) -> dict[str, Callable]:
 
 def _rows(family: str, problem: FlowProblem, device: str, callables: dict, check: Callable, repeats: int,
           missing: tuple = ()) -> list[Row]:
-    """Time "fused" and every baseline; check(ours_result, baseline_name, baseline_result) -> bool first."""
-    ours_fn = callables["fused"]
-    ours_result = ours_fn()
-    ours_peak = peak_extra_memory(ours_fn, device)
-    ours = time_call(ours_fn, device, repeats=repeats)
-    rows = []
-    common = dict(family=family, shape=problem.label(), dtype=_dtype_name(problem.dtype), device=device)
-    for name, run in callables.items():
-        if name.startswith("fused"):
-            continue
-        ok = check(ours_result, name, run())
-        rows.append(Row(**common, baseline=name, baseline_ms=time_call(run, device, repeats=repeats).median_ms,
-                        ours_ms=ours.median_ms, baseline_peak=peak_extra_memory(run, device), ours_peak=ours_peak,
-                        agreement="values match" if ok else "FAIL", ok=ok))
-    for peer, name in missing:
-        if not has_peer(peer):
-            rows.append(Row(**common, baseline=name, baseline_ms=None, ours_ms=ours.median_ms, baseline_peak=None,
-                            ours_peak=ours_peak, agreement="-", ok=True, note=f"{peer} not installed"))
-    return rows
+    """compare_implementations with a boolean check and (peer, baseline name) pairs for optional peers."""
+    def checked(ours, name, theirs):
+        ok = check(ours, name, theirs)
+        return ok, "values match" if ok else "FAIL"
+
+    return compare_implementations(family, problem.label(), problem.dtype, device, callables, checked,
+                                   repeats=repeats, missing=tuple((peer, name, has_peer(peer)) for peer, name in missing))
 
 
 def run_flow_train_case(problem: FlowProblem, device: str, *, repeats: int = 5) -> list[Row]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict
 
-from .codebook import Row
+from .rows import Row
 from .timing import format_bytes
 
 HEADER = ["case", "shape", "dtype", "device", "baseline", "baseline ms", "ours ms", "speedup", "baseline peak",
