@@ -91,14 +91,16 @@ def _lean(x, semantic, pixel, w):
     return lambda: lean_concat_search(x, semantic, pixel, w)
 
 
-_compiled_lean = None
+_compiled_references: dict = {}
+
+
+def _compile_once(fn):
+    return _compiled_references.setdefault(fn, torch.compile(fn, dynamic=False))
 
 
 def _compiled(x, semantic, pixel, w):
-    global _compiled_lean
-    if _compiled_lean is None:
-        _compiled_lean = torch.compile(lean_concat_search, dynamic=False)
-    return lambda: _compiled_lean(x, semantic, pixel, w)
+    compiled = _compile_once(lean_concat_search)
+    return lambda: compiled(x, semantic, pixel, w)
 
 
 def _faiss(x, semantic, pixel, w):
@@ -167,13 +169,6 @@ def run_search_case(problem: CodebookProblem, device: str, *, repeats: int = 5,
     return rows
 
 
-_compiled_references: dict = {}
-
-
-def _compiled(fn):
-    return _compiled_references.setdefault(fn, torch.compile(fn, dynamic=False))
-
-
 def run_gather_case(problem: CodebookProblem, device: str, *, repeats: int = 5) -> list[Row]:
     """codebook_gather forward + backward (both codebooks, l2-normalised) against torch indexing + autograd,
     eager and compiled."""
@@ -189,7 +184,7 @@ def run_gather_case(problem: CodebookProblem, device: str, *, repeats: int = 5) 
 
     callables = {name: (lambda fn=fn: step(fn)) for name, fn in {
         "fused": tokenflow_ext.codebook_gather, "eager-index": codebook_gather_reference,
-        "torch.compile": _compiled(codebook_gather_reference)}.items()}
+        "torch.compile": _compile_once(codebook_gather_reference)}.items()}
 
     def check(ours, name, theirs):
         ok = torch.allclose(ours[0], theirs[0], atol=1e-5) and all(
@@ -216,7 +211,7 @@ def run_quantize_case(problem: CodebookProblem, device: str, *, repeats: int = 3
 
     callables = {name: (lambda fn=fn: step(fn)) for name, fn in {
         "fused": tokenflow_ext.quantize, "official-eager": quantize_reference,
-        "torch.compile": _compiled(quantize_reference)}.items()}
+        "torch.compile": _compile_once(quantize_reference)}.items()}
 
     def check(ours, name, theirs):
         exact, gap, ok = index_agreement(x, semantic, pixel, ours[0], theirs[0], pixel_weight=w)
