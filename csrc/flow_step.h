@@ -125,6 +125,29 @@ inline at::Tensor check_grad_loss(const char* op, const at::Tensor& grad_loss, c
   return grad_loss.to(accumulate_type_for(v_pred.scalar_type())).contiguous();
 }
 
+struct MatchingLossBackwardCall {
+  MatchingLossCall inputs;  // v_pred, x0, x1 (contiguous) and the batch
+  at::Tensor grad_loss;     // (B,), accumulate dtype
+  at::Tensor grad_v_pred;   // like v_pred
+  at::Tensor grad_x0;       // like x0 when needed, else empty
+  at::Tensor grad_x1;       // like x1 when needed, else empty
+};
+
+inline MatchingLossBackwardCall begin_flow_matching_loss_backward(const at::Tensor& grad_loss, const at::Tensor& v_pred,
+                                                                  const at::Tensor& x0, const at::Tensor& x1,
+                                                                  double sigma_min, bool x0_needs_grad,
+                                                                  bool x1_needs_grad) {
+  constexpr const char* op = "tokenflow_ext.flow_matching_loss_backward";
+  MatchingLossBackwardCall call;
+  call.inputs = begin_flow_matching_loss(op, v_pred, x0, x1, sigma_min);
+  call.grad_loss = check_grad_loss(op, grad_loss, v_pred, call.inputs.batch.B);
+  call.grad_v_pred = at::empty_like(call.inputs.v_pred);
+  const auto empty = at::empty({0}, v_pred.options());
+  call.grad_x0 = x0_needs_grad ? at::empty_like(call.inputs.x0) : empty;
+  call.grad_x1 = x1_needs_grad ? at::empty_like(call.inputs.x1) : empty;
+  return call;
+}
+
 struct EulerCall {
   at::Tensor x, v_cond, v_uncond;  // contiguous (x may be the caller's tensor for the in-place op)
   FlowBatch batch;
@@ -159,6 +182,32 @@ inline EulerCall begin_flow_euler_step(const char* op, const at::Tensor& x, cons
   call.v_cond = v_cond.contiguous();
   call.x = x;
   return call;
+}
+
+// The Euler entries of every backend: `run(call, dt, guidance_scale, out)` is the backend's kernel launch.
+template <typename Run>
+at::Tensor flow_euler_step_entry(const at::Tensor& x, const at::Tensor& v_cond,
+                                 const std::optional<at::Tensor>& v_uncond, double dt, double guidance_scale,
+                                 const Run& run) {
+  const EulerCall call = begin_flow_euler_step("tokenflow_ext.flow_euler_step", x, v_cond, v_uncond, dt, guidance_scale);
+  at::Tensor out = at::empty(x.sizes(), x.options());
+  run(call, dt, guidance_scale, out);
+  return out;
+}
+
+// In place: a non-contiguous x is computed into a contiguous buffer and copied back through its strides.
+template <typename Run>
+void flow_euler_step_inplace_entry(at::Tensor& x, const at::Tensor& v_cond, const std::optional<at::Tensor>& v_uncond,
+                                   double dt, double guidance_scale, const Run& run) {
+  const EulerCall call =
+      begin_flow_euler_step("tokenflow_ext.flow_euler_step_", x, v_cond, v_uncond, dt, guidance_scale);
+  if (x.is_contiguous()) {
+    run(call, dt, guidance_scale, x);
+    return;
+  }
+  at::Tensor out = at::empty(x.sizes(), x.options());
+  run(call, dt, guidance_scale, out);
+  x.copy_(out);
 }
 
 }  // namespace tokenflow_ext

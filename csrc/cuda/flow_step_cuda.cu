@@ -179,13 +179,13 @@ at::Tensor flow_matching_loss_cuda(const at::Tensor& v_pred, const at::Tensor& x
 std::tuple<at::Tensor, at::Tensor, at::Tensor> flow_matching_loss_backward_cuda(
     const at::Tensor& grad_loss, const at::Tensor& v_pred, const at::Tensor& x0, const at::Tensor& x1,
     double sigma_min, bool x0_needs_grad, bool x1_needs_grad) {
-  constexpr const char* op = "tokenflow_ext.flow_matching_loss_backward";
-  MatchingLossCall call = begin_flow_matching_loss(op, v_pred, x0, x1, sigma_min);
-  const at::Tensor grads = check_grad_loss(op, grad_loss, v_pred, call.batch.B);
-  at::Tensor grad_v_pred = at::empty_like(call.v_pred);
-  const auto empty = at::empty({0}, v_pred.options());
-  at::Tensor grad_x0 = x0_needs_grad ? at::empty_like(call.x0) : empty;
-  at::Tensor grad_x1 = x1_needs_grad ? at::empty_like(call.x1) : empty;
+  MatchingLossBackwardCall backward =
+      begin_flow_matching_loss_backward(grad_loss, v_pred, x0, x1, sigma_min, x0_needs_grad, x1_needs_grad);
+  const MatchingLossCall& call = backward.inputs;
+  const at::Tensor& grads = backward.grad_loss;
+  at::Tensor& grad_v_pred = backward.grad_v_pred;
+  at::Tensor& grad_x0 = backward.grad_x0;
+  at::Tensor& grad_x1 = backward.grad_x1;
   const int64_t count = call.batch.B * call.batch.M;
   if (count == 0) return {grad_v_pred, grad_x0, grad_x1};
   const c10::cuda::CUDAGuard guard(v_pred.device());
@@ -219,23 +219,12 @@ void run_euler_cuda(const EulerCall& call, double dt, double guidance_scale, at:
 
 at::Tensor flow_euler_step_cuda(const at::Tensor& x, const at::Tensor& v_cond,
                                 const std::optional<at::Tensor>& v_uncond, double dt, double guidance_scale) {
-  const EulerCall call = begin_flow_euler_step("tokenflow_ext.flow_euler_step", x, v_cond, v_uncond, dt, guidance_scale);
-  at::Tensor out = at::empty(x.sizes(), x.options());
-  run_euler_cuda(call, dt, guidance_scale, out);
-  return out;
+  return flow_euler_step_entry(x, v_cond, v_uncond, dt, guidance_scale, run_euler_cuda);
 }
 
 void flow_euler_step_inplace_cuda(at::Tensor& x, const at::Tensor& v_cond, const std::optional<at::Tensor>& v_uncond,
                                   double dt, double guidance_scale) {
-  const EulerCall call =
-      begin_flow_euler_step("tokenflow_ext.flow_euler_step_", x, v_cond, v_uncond, dt, guidance_scale);
-  if (x.is_contiguous()) {
-    run_euler_cuda(call, dt, guidance_scale, x);
-    return;
-  }
-  at::Tensor out = at::empty(x.sizes(), x.options());
-  run_euler_cuda(call, dt, guidance_scale, out);
-  x.copy_(out);
+  flow_euler_step_inplace_entry(x, v_cond, v_uncond, dt, guidance_scale, run_euler_cuda);
 }
 
 }  // namespace
