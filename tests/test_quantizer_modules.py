@@ -4,7 +4,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import tokenflow_ext
 from tokenflow_ext.bench.timing import peak_extra_memory
 from tokenflow_ext.nn import SCALE_PRESETS, DualCodebookQuantizer, MultiScaleQuantizer
 from tokenflow_ext.reference import official_multiscale_encode, official_quantizer_forward

@@ -13,6 +13,12 @@ def codebook_widths(semantic_codebook: torch.Tensor, pixel_codebook: torch.Tenso
     return semantic_codebook.shape[-1], (0 if pixel_codebook is None else pixel_codebook.shape[-1])
 
 
+def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The arithmetic dtype of every op: float64 for float64 inputs, float32 otherwise (C++:
+    ``accumulate_type_for``)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def check_same_device_dtype(op: str, tensors: dict) -> None:
     """Raise like the C++ checks when named tensors (None skipped) differ in device or dtype.
 

@@ -26,7 +26,7 @@ from tokenflow_ext.reference import (
     quantize_reference,
 )
 
-from .rows import Row, compare_implementations, dtype_name
+from .rows import Row, compare_implementations, compile_once
 from .timing import peak_extra_memory, time_call
 
 
@@ -91,15 +91,8 @@ def _lean(x, semantic, pixel, w):
     return lambda: lean_concat_search(x, semantic, pixel, w)
 
 
-_compiled_references: dict = {}
-
-
-def _compile_once(fn):
-    return _compiled_references.setdefault(fn, torch.compile(fn, dynamic=False))
-
-
 def _compiled(x, semantic, pixel, w):
-    compiled = _compile_once(lean_concat_search)
+    compiled = compile_once(lean_concat_search)
     return lambda: compiled(x, semantic, pixel, w)
 
 
@@ -140,33 +133,27 @@ def _available_bytes(device: str) -> int:
 
 def run_search_case(problem: CodebookProblem, device: str, *, repeats: int = 5,
                     baselines: list[Baseline] | None = None, search=None) -> list[Row]:
-    """Time the fused search and every baseline on one problem; check index agreement first."""
+    """Time the fused search and every baseline on one problem; check index agreement first. A baseline
+    that is not installed, or whose N x K matrices would not fit in memory, is listed as skipped."""
     search = search or tokenflow_ext.codebook_search
     x, semantic, pixel = problem.tensors(device)
     w = problem.pixel_weight
-    fused = lambda: search(x, semantic, pixel, pixel_weight=w)[0]  # noqa: E731
-    ours_peak = peak_extra_memory(fused, device)
-    ours = time_call(fused, device, repeats=repeats)
-    ours_indices = fused()
-    rows = []
-    common = dict(family="codebook_search", shape=problem.shape, dtype=dtype_name(problem.dtype), device=device)
+    callables = {"fused": lambda: search(x, semantic, pixel, pixel_weight=w)[0]}
     for baseline in baselines if baselines is not None else search_baselines(device):
         needed = int(baseline.memory_factor * problem.nk_bytes())
         if baseline.missing or needed > 0.8 * _available_bytes(device):
-            note = baseline.missing or f"skipped: needs about {needed / 2**30:.0f} GiB for its N x K matrices"
-            rows.append(Row(**common, baseline=baseline.name, baseline_ms=None, ours_ms=ours.median_ms,
-                            baseline_peak=None, ours_peak=ours_peak, agreement="-", ok=True, note=note))
-            continue
-        run = baseline.make(x, semantic, pixel, w)
-        their_indices = run()
+            callables[baseline.name] = (baseline.missing
+                                        or f"skipped: needs about {needed / 2**30:.0f} GiB for its N x K matrices")
+        else:
+            callables[baseline.name] = baseline.make(x, semantic, pixel, w)
+
+    def check(ours_indices, name, their_indices):
         exact, gap, ok = index_agreement(x, semantic, pixel, ours_indices, their_indices, pixel_weight=w,
                                          tie_tolerance=1e-4 if problem.dtype != torch.float64 else 1e-9)
-        agreement = f"{100 * exact:.2f}%" + ("" if exact == 1.0 else f" (ties, gap {gap:.1e})" if ok else " FAIL")
-        peak = peak_extra_memory(run, device)
-        timing = time_call(run, device, repeats=repeats)
-        rows.append(Row(**common, baseline=baseline.name, baseline_ms=timing.median_ms, ours_ms=ours.median_ms,
-                        baseline_peak=peak, ours_peak=ours_peak, agreement=agreement, ok=ok))
-    return rows
+        return ok, f"{100 * exact:.2f}%" + ("" if exact == 1.0 else f" (ties, gap {gap:.1e})" if ok else " FAIL")
+
+    return compare_implementations("codebook_search", problem.shape, problem.dtype, device, callables, check,
+                                   repeats=repeats)
 
 
 def run_gather_case(problem: CodebookProblem, device: str, *, repeats: int = 5) -> list[Row]:
@@ -184,7 +171,7 @@ def run_gather_case(problem: CodebookProblem, device: str, *, repeats: int = 5) 
 
     callables = {name: (lambda fn=fn: step(fn)) for name, fn in {
         "fused": tokenflow_ext.codebook_gather, "eager-index": codebook_gather_reference,
-        "torch.compile": _compile_once(codebook_gather_reference)}.items()}
+        "torch.compile": compile_once(codebook_gather_reference)}.items()}
 
     def check(ours, name, theirs):
         ok = torch.allclose(ours[0], theirs[0], atol=1e-5) and all(
@@ -211,7 +198,7 @@ def run_quantize_case(problem: CodebookProblem, device: str, *, repeats: int = 3
 
     callables = {name: (lambda fn=fn: step(fn)) for name, fn in {
         "fused": tokenflow_ext.quantize, "official-eager": quantize_reference,
-        "torch.compile": _compile_once(quantize_reference)}.items()}
+        "torch.compile": compile_once(quantize_reference)}.items()}
 
     def check(ours, name, theirs):
         exact, gap, ok = index_agreement(x, semantic, pixel, ours[0], theirs[0], pixel_weight=w)

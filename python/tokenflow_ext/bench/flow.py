@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from tokenflow_ext import flow
 from tokenflow_ext.reference import euler_step_reference, interpolate_reference, matching_loss_reference
 
-from .rows import Row, compare_implementations
+from .rows import Row, compare_implementations, compile_once
 
 SIGMA = 1e-5
 
@@ -52,13 +52,6 @@ def has_peer(name: str) -> bool:
 def close(a, b, dtype) -> bool:
     tol = {torch.float32: 1e-4, torch.float64: 1e-9}.get(dtype, 3e-2)
     return torch.allclose(a.double(), b.double(), rtol=tol, atol=tol)
-
-
-_compiled: dict = {}
-
-
-def _compile(fn):
-    return _compiled.setdefault(fn, torch.compile(fn, dynamic=False))
 
 
 # ---- training: interpolate + loss, forward and backward ----------------------------------------------
@@ -90,7 +83,7 @@ def train_callables(problem: FlowProblem, device: str) -> dict[str, Callable]:
         x_t, loss = fn(leaves[1], x1, t, leaves[0])
         return loss, x_t, torch.autograd.grad(loss + x_t.float().mean(), leaves)
 
-    fns = {"fused": _fused_train, "eager": _eager_train, "torch.compile": _compile(_eager_train)}
+    fns = {"fused": _fused_train, "eager": _eager_train, "torch.compile": compile_once(_eager_train)}
     if has_peer("flow_matching"):
         fns["flow_matching"] = _flow_matching_train
     callables = {name: (lambda fn=fn: step(fn)) for name, fn in fns.items()}
@@ -123,7 +116,7 @@ def step_callables(problem: FlowProblem, device: str, *, inplace: bool) -> dict[
     x, *velocities = _one_step_inputs(problem, device)
     dt, s = 1.0 / problem.steps, problem.guidance_scale
     ours, eager = (flow.euler_step_, _eager_step_inplace) if inplace else (flow.euler_step, euler_step_reference)
-    implementations = {"fused": ours, "eager": eager, "torch.compile": _compile(eager)}
+    implementations = {"fused": ours, "eager": eager, "torch.compile": compile_once(eager)}
     # in place: each implementation updates its own copy of x, call after call
     states = {name: x.clone() if inplace else x for name in implementations}
     return {name: (lambda fn=fn, state=states[name]: fn(state, *velocities, dt=dt, guidance_scale=s))
@@ -172,13 +165,15 @@ def loop_callables(problem: FlowProblem, device: str) -> dict[str, Callable]:
 
 def _rows(family: str, problem: FlowProblem, device: str, callables: dict, check: Callable, repeats: int,
           missing: tuple = ()) -> list[Row]:
-    """compare_implementations with a boolean check and (peer, baseline name) pairs for optional peers."""
+    """compare_implementations with a boolean check; (peer, baseline name) pairs name optional peers, which get
+    a "not installed" row when absent."""
     def checked(ours, name, theirs):
         ok = check(ours, name, theirs)
         return ok, "values match" if ok else "FAIL"
 
-    return compare_implementations(family, problem.label(), problem.dtype, device, callables, checked,
-                                   repeats=repeats, missing=tuple((peer, name, has_peer(peer)) for peer, name in missing))
+    absent = {name: f"{peer} not installed" for peer, name in missing if not has_peer(peer)}
+    return compare_implementations(family, problem.label(), problem.dtype, device, {**callables, **absent}, checked,
+                                   repeats=repeats)
 
 
 def run_flow_train_case(problem: FlowProblem, device: str, *, repeats: int = 5) -> list[Row]:

@@ -37,12 +37,21 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
+_compiled: dict = {}
+
+
+def compile_once(fn: Callable) -> Callable:
+    """``torch.compile(fn)``, built once per function for the whole run (baselines share compiled code)."""
+    return _compiled.setdefault(fn, torch.compile(fn, dynamic=False))
+
+
 def compare_implementations(family: str, shape: str, dtype: torch.dtype, device: str, callables: dict,
-                            check: Callable, *, repeats: int, missing: tuple = (), warmup: int = 2) -> list[Row]:
+                            check: Callable, *, repeats: int, warmup: int = 2) -> list[Row]:
     """Time ``callables["fused"]`` and every other entry (entries named "fused..." are helpers, not baselines).
 
     ``check(ours_result, name, their_result) -> (ok, agreement text)`` runs before anything is timed.
-    ``missing``: ``(peer, baseline name, installed)`` triples; an uninstalled peer gets a "not installed" row.
+    An entry whose value is a string is a baseline that cannot run here; the string (e.g. "faiss-cpu not
+    installed") becomes its row's note. Rows keep the order of ``callables``.
     """
     ours_fn = callables["fused"]
     ours_result = ours_fn()
@@ -53,13 +62,13 @@ def compare_implementations(family: str, shape: str, dtype: torch.dtype, device:
     for name, run in callables.items():
         if name.startswith("fused"):
             continue
+        if isinstance(run, str):
+            rows.append(Row(**common, baseline=name, baseline_ms=None, ours_ms=ours.median_ms, baseline_peak=None,
+                            ours_peak=ours_peak, agreement="-", ok=True, note=run))
+            continue
         ok, agreement = check(ours_result, name, run())
         rows.append(Row(**common, baseline=name, baseline_ms=time_call(run, device, repeats=repeats,
                                                                         warmup=warmup).median_ms,
                         ours_ms=ours.median_ms, baseline_peak=peak_extra_memory(run, device), ours_peak=ours_peak,
                         agreement=agreement, ok=ok))
-    for peer, name, installed in missing:
-        if not installed:
-            rows.append(Row(**common, baseline=name, baseline_ms=None, ours_ms=ours.median_ms, baseline_peak=None,
-                            ours_peak=ours_peak, agreement="-", ok=True, note=f"{peer} not installed"))
     return rows

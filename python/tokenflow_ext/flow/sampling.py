@@ -6,6 +6,7 @@ from typing import Callable, Union
 
 import torch
 
+from .._parts import accumulate_dtype
 from ..ops.flow_step import euler_step_
 
 TIME_GRIDS = ("uniform", "flowtok")
@@ -61,7 +62,7 @@ def sample(velocity_fn: Callable[[torch.Tensor, torch.Tensor], Velocity], x0: to
     """
     grid = _time_grid(num_steps, time_grid, reverse=reverse)
     x = x0.detach().clone()
-    t_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    t_dtype = accumulate_dtype(x.dtype)
     steps = grid
     if progress:
         from tqdm.auto import tqdm  # noqa: PLC0415

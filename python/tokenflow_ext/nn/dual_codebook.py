@@ -118,9 +118,9 @@ class DualCodebookQuantizer(nn.Module):
         flat_indices = indices.reshape(-1)
 
         z_flat = z_hat.detach().reshape(-1, self.e_dim)
-        unit_semantic, unit_pixel = (t.detach() for t in self._unit_codebooks())
-        d_norm_semantic = mean_squared_distance_sum(z_flat[:, :self.split[0]], unit_semantic)
-        d_norm_pixel = mean_squared_distance_sum(z_flat[:, self.split[0]:], unit_pixel)
+        unit_semantic, unit_pixel = self._unit_codebooks()  # with grad: the entropy loss below reuses them
+        d_norm_semantic = mean_squared_distance_sum(z_flat[:, :self.split[0]], unit_semantic.detach())
+        d_norm_pixel = mean_squared_distance_sum(z_flat[:, self.split[0]:], unit_pixel.detach())
 
         vq_loss = commit_loss = entropy = None
         usage = 0
@@ -138,9 +138,9 @@ class DualCodebookQuantizer(nn.Module):
             entropy = z.new_zeros((), dtype=torch.float32)
             if self.entropy_loss_ratio > 0:
                 flat = z_hat.reshape(-1, self.e_dim)
-                unit = self._unit_codebooks()
                 entropy = self.entropy_loss_ratio * entropy_loss(
-                    flat[:, :self.split[0]], flat[:, self.split[0]:], unit[0], unit[1], pixel_weight=self.pixel_weight)
+                    flat[:, :self.split[0]], flat[:, self.split[0]:], unit_semantic, unit_pixel,
+                    pixel_weight=self.pixel_weight)
 
         z_q = z_hat + (codes - z_hat).detach()
         z_q = z_q.permute(0, 3, 1, 2)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .._parts import check_same_device_dtype, codebook_widths, normalize_parts, normalize_parts_backward, part_weights
+from .._parts import accumulate_dtype, check_same_device_dtype, codebook_widths, normalize_parts, normalize_parts_backward, part_weights
 
 _op = torch.ops.tokenflow_ext.codebook_search
 _gather = torch.ops.tokenflow_ext.codebook_gather
@@ -55,9 +55,8 @@ def _codebook_search_fake(x, semantic_codebook, pixel_codebook, pixel_weight, l2
         lambda: f"tokenflow_ext.codebook_search: the last dim of x is {x.shape[-1]} but the codebooks need "
         f"{semantic_dim + pixel_dim}",
     )
-    distance_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     shape = x.shape[:-1]
-    return x.new_empty(shape, dtype=torch.int64), x.new_empty(shape, dtype=distance_dtype)
+    return x.new_empty(shape, dtype=torch.int64), x.new_empty(shape, dtype=accumulate_dtype(x.dtype))
 
 
 def _setup_context(ctx, inputs, output):

@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import torch
 
+from .._parts import accumulate_dtype
+
 _ops = torch.ops.tokenflow_ext
 
 REDUCTIONS = ("mean", "sum", "none")
-
-
-def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def interpolate(x0: torch.Tensor, x1: torch.Tensor, t: torch.Tensor, sigma_min: float = 1e-5, *,
@@ -101,7 +99,7 @@ def _matching_loss_fake(v_pred, x0, x1, sigma_min):
     torch._check(v_pred.dim() >= 1, lambda: "tokenflow_ext.flow_matching_loss: v_pred must be (B, ...)")
     torch._check(v_pred.shape == x0.shape == x1.shape,
                  lambda: "tokenflow_ext.flow_matching_loss: v_pred, x0 and x1 must have one shape")
-    return v_pred.new_empty((v_pred.shape[0],), dtype=_accumulate_dtype(v_pred.dtype))
+    return v_pred.new_empty((v_pred.shape[0],), dtype=accumulate_dtype(v_pred.dtype))
 
 
 @torch.library.register_fake("tokenflow_ext::flow_matching_loss_backward")
@@ -140,7 +138,7 @@ def _interpolate_backward(ctx, grad_x_t, grad_v_target):
         grad_x1 = grad_x1 if needs_x1 else None
     if needs_t and grad_x_t is not None:
         # d x_t / d t = x1 - (1 - sigma) x0 = v_target
-        products = grad_x_t.to(_accumulate_dtype(grad_x_t.dtype)) * v_target.to(_accumulate_dtype(grad_x_t.dtype))
+        products = grad_x_t.to(accumulate_dtype(grad_x_t.dtype)) * v_target.to(accumulate_dtype(grad_x_t.dtype))
         grad_t = products.reshape(products.shape[0], -1).sum(dim=1).to(t.dtype)
     return grad_x0, grad_x1, grad_t, None
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .._parts import NORM_EPS, codebook_widths
+from .._parts import NORM_EPS, accumulate_dtype, codebook_widths
 
 
 def _unit(t: torch.Tensor, l2_norm: bool) -> torch.Tensor:
@@ -58,7 +58,7 @@ def codebook_search_reference(x, semantic_codebook, pixel_codebook=None, *, pixe
     Returns ``(indices int64 x.shape[:-1], min_distance)`` with the distance recomputed exactly for the
     chosen code, as :func:`tokenflow_ext.codebook_search` defines it.
     """
-    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    compute = accumulate_dtype(x.dtype)
     z_s, z_p, e_s, e_p = _parts(x.to(compute), semantic_codebook.to(compute),
                                 None if pixel_codebook is None else pixel_codebook.to(compute), l2_norm)
     n = z_s.shape[0]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from .._parts import accumulate_dtype
+
 
 def _per_sample(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, *([1] * (like.dim() - 1))).to(like.dtype)
@@ -30,7 +32,7 @@ def euler_step_reference(x, v_cond, v_uncond=None, *, dt, guidance_scale=1.0):
 def sample_reference(velocity_fn, x0, grid, guidance_scale=1.0):
     """The eager Euler loop over a ``(t_i, dt_i)`` grid (see tokenflow_ext.flow.time_grid)."""
     x = x0.clone()
-    t_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    t_dtype = accumulate_dtype(x.dtype)
     for t_value, dt in grid:
         t = torch.full((x.shape[0],), t_value, dtype=t_dtype, device=x.device)
         velocity = velocity_fn(x, t)
