@@ -1,4 +1,5 @@
-"""Command line: ``python -m tokenflow_ext bench`` (the main job) and ``python -m tokenflow_ext info``.
+"""Command line: ``python -m tokenflow_ext bench`` (the main job), ``python -m tokenflow_ext tokenize IMAGE...
+--checkpoint PATH`` (TokenFlow indices and reconstructions) and ``python -m tokenflow_ext info``.
 
 Also installed as the ``tokenflow-ext`` console script.
 """
@@ -99,14 +100,20 @@ def main(argv=None) -> int:
     b.add_argument("--sizes", metavar="LIST",
                    help="override the grid: comma-separated NxK (codebook families) and BxLxD (flow families)")
     b.add_argument("--families", type=_families, default=["search", "gather", "quantize", "multiscale", "flow_train",
-                                                           "flow_step", "flow_loop"],
-                   help="comma-separated subset of search,gather,quantize,multiscale,flow_train,flow_step,flow_loop")
+                                                           "flow_step", "flow_loop", "tokenizer"],
+                   help="comma-separated subset of search,gather,quantize,multiscale,flow_train,flow_step,flow_loop,"
+                        "tokenizer (multiscale and tokenizer: --full only)")
     b.add_argument("--repeats", type=int, default=5, help="timed samples per implementation (median reported)")
     b.add_argument("--markdown", metavar="PATH", help="write the table as Markdown (benchmarks/results/ form)")
     b.add_argument("--json", metavar="PATH", help="write every row as JSON")
     b.add_argument("--plot", metavar="PATH", help="PNG of speedup against problem size (needs matplotlib)")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
     b.set_defaults(func=bench)
+    t = sub.add_parser("tokenize", help="TokenFlow: images -> indices (.npy) and reconstructions (.png)")
+    from .models.tokenflow import cli as tokenize_cli  # noqa: PLC0415
+
+    tokenize_cli.add_arguments(t)
+    t.set_defaults(func=tokenize_cli.run)
     i = sub.add_parser("info", help="versions, CUDA build, GPU, installed peers")
     i.set_defaults(func=info)
     args = parser.parse_args(argv)

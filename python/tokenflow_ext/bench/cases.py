@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from . import codebook, flow
+from . import codebook, flow, models
 from .codebook import CodebookProblem, MultiScaleProblem
 from .flow import FlowProblem
+from .models import TokenizerProblem
 
-FAMILIES = ["search", "gather", "quantize", "multiscale", "flow_train", "flow_step", "flow_loop"]
+FAMILIES = ["search", "gather", "quantize", "multiscale", "flow_train", "flow_step", "flow_loop", "tokenizer"]
 CODEBOOK_FAMILIES = {"search", "gather", "quantize", "multiscale"}
 
 RUNNERS = {
@@ -19,7 +20,9 @@ RUNNERS = {
     "flow_train": flow.run_flow_train_case,
     "flow_step": flow.run_flow_step_case,
     "flow_loop": flow.run_flow_loop_case,
+    "tokenizer": models.run_tokenizer_case,
 }
+MODEL_FAMILIES = {"multiscale", "tokenizer"}  # whole-model cases: full grid only, not --sizes
 
 FLOWTOK, WIDE = (256, 77, 16), (64, 4096, 64)
 
@@ -46,6 +49,8 @@ def grid(mode: str) -> list[tuple[str, object]]:
                   ("flow_step", FlowProblem(shape, layout="split")),
                   ("flow_step", FlowProblem(shape, guidance_scale=1.0)), ("flow_loop", FlowProblem(shape)),
                   ("flow_loop", FlowProblem(shape, steps=50))]
+    cases += [("tokenizer", TokenizerProblem("clipb_256", enhanced_decoder=True)),
+              ("tokenizer", TokenizerProblem("siglip_384"))]
     return cases
 
 
@@ -65,13 +70,13 @@ def parse_sizes(text: str) -> list[tuple[int, ...]]:
 
 def cases_for(mode: str, families: list[str], sizes: list[tuple[int, ...]] | None) -> list[tuple[str, object]]:
     """The run's cases: the mode's grid, or the given sizes (2 dims: codebook N x K; more: a flow shape).
-    The multiscale family (a full TokenFlow batch) runs in the full grid only."""
+    The whole-model families (multiscale, tokenizer) run in the full grid only."""
     if sizes is None:
         return [(family, problem) for family, problem in grid(mode) if family in families]
     cases = []
     for family in families:
         for dims in sizes:
-            if family == "multiscale":
+            if family in MODEL_FAMILIES:
                 continue
             if family in CODEBOOK_FAMILIES and len(dims) == 2:
                 cases.append((family, CodebookProblem(*dims)))
@@ -88,6 +93,10 @@ def problem_size(problem) -> int:
     """The x axis of the speedup plot: N*K for codebook cases, elements for flow cases."""
     if isinstance(problem, CodebookProblem):
         return problem.n * problem.k
+    if isinstance(problem, TokenizerProblem):
+        from tokenflow_ext.models.tokenflow import CONFIGS  # noqa: PLC0415
+
+        return problem.batch * CONFIGS[problem.config].tokens_per_image * CONFIGS[problem.config].codebook_size
     if isinstance(problem, MultiScaleProblem):
         from tokenflow_ext.nn import SCALE_PRESETS  # noqa: PLC0415
 

@@ -117,6 +117,6 @@ class MultiScaleQuantizer(nn.Module):
         for scale in self.scales_for_length(indices.shape[1]):
             rows = self.quantize.get_codebook_entry(indices[:, position:position + scale * scale])
             position += scale * scale
-            grid = rows.reshape(indices.shape[0], scale, scale, -1).permute(0, 3, 1, 2)
+            grid = rows.reshape(indices.shape[0], scale, scale, rows.shape[-1]).permute(0, 3, 1, 2)
             features = features + F.interpolate(grid, size=(size, size), mode="bicubic")
         return features

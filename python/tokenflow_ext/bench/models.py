@@ -1,0 +1,82 @@
+"""Whole-model cases: TokenFlow tokenizer encode throughput with our quantizer vs the same model with the
+official eager quantizer (N x K distances, one-hot, d_norm logging)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .rows import Row
+from .timing import peak_extra_memory, synchronize
+
+
+@dataclass
+class TokenizerProblem:
+    """``config`` at full official size with random weights, ``batch`` random images, eval mode."""
+
+    config: str = "clipb_256"
+    batch: int = 8
+    enhanced_decoder: bool = False
+
+    @property
+    def shape(self) -> str:
+        return f"{self.config} B={self.batch}"
+
+
+def tokenizer_encode_callables(problem: TokenizerProblem, device: str) -> dict[str, Callable]:
+    """``"fused"``: ``tokenizer.encode``; ``"official-eager"``: the same encoders, then TokenFlow's own
+    multi-scale loop and quantizer formulas. Both return the indices."""
+    from tokenflow_ext.models import TokenFlowTokenizer  # noqa: PLC0415
+    from tokenflow_ext.reference import official_multiscale_encode  # noqa: PLC0415
+
+    torch.manual_seed(0)
+    tokenizer = TokenFlowTokenizer(problem.config, enhanced_decoder=problem.enhanced_decoder).to(device).eval()
+    size = tokenizer.config.image_size
+    images = torch.rand(problem.batch, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device) * 2 - 1
+
+    @torch.no_grad()
+    def fused():
+        return tokenizer.encode(images).indices
+
+    @torch.no_grad()
+    def official():
+        h = torch.cat([tokenizer.semantic_features(images), tokenizer.pixel_features(images)], dim=1)
+        return official_multiscale_encode(h, tokenizer.quantize.embedding_vqkd.weight,
+                                          tokenizer.quantize.embedding_vqgan.weight, tokenizer.config.scales)[2]
+
+    return {"fused": fused, "official-eager": official}
+
+
+def _timed_peak(fn: Callable, device: str) -> tuple[float, int | None]:
+    """One call: (milliseconds, peak extra bytes). Model calls last seconds, so one sample each suffices
+    after a warm-up call; timing the measured call avoids a third multi-second run."""
+    elapsed = []
+
+    def run():
+        synchronize(device)
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        elapsed.append((time.perf_counter() - start) * 1e3)
+
+    peak = peak_extra_memory(run, device)
+    return elapsed[0], peak
+
+
+def run_tokenizer_case(problem: TokenizerProblem, device: str, *, repeats: int = 1) -> list[Row]:
+    callables = tokenizer_encode_callables(problem, device)
+    ours_indices = callables["fused"]()  # warm-up and the indices to compare
+    their_indices = callables["official-eager"]()
+    ok = torch.equal(ours_indices, their_indices)
+    ours = [_timed_peak(callables["fused"], device) for _ in range(max(1, repeats))]
+    theirs = [_timed_peak(callables["official-eager"], device) for _ in range(max(1, repeats))]
+    ours_ms = sorted(ms for ms, _ in ours)[len(ours) // 2]
+    their_ms = sorted(ms for ms, _ in theirs)[len(theirs) // 2]
+    rate = lambda ms: problem.batch / ms * 1e3  # noqa: E731
+    agreement = f"{'indices match' if ok else 'FAIL'}; {rate(ours_ms):.2f} vs {rate(their_ms):.2f} images/s"
+    return [Row(family="tokenizer encode", shape=problem.shape, dtype="float32", device=device,
+                baseline="official-eager", baseline_ms=their_ms, ours_ms=ours_ms, baseline_peak=theirs[0][1],
+                ours_peak=ours[0][1], agreement=agreement, ok=ok, extra={"images_per_s": rate(ours_ms), "baseline_images_per_s": rate(their_ms)})]

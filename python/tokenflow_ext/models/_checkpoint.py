@@ -1,0 +1,117 @@
+"""Reading, checking and writing model checkpoints (shared by the TokenFlow and FlowTok models).
+
+Official files are dicts that hold the weights under ``"ema"``, ``"model"`` or ``"state_dict"`` (tried in
+that order, as the official loaders do), or are a bare state dict. They are read with
+``torch.load(weights_only=True)``; ``argparse.Namespace`` (the ``args`` entry of TokenFlow training
+checkpoints) is allowed as a safe global. ``.safetensors`` files need the ``safetensors`` package.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from typing import Any, Iterable, Mapping
+
+import torch
+from torch import nn
+
+WEIGHT_ENTRIES = ("ema", "model", "state_dict")
+
+
+class StateDictMismatchError(RuntimeError):
+    """A checkpoint does not fit a model: lists the missing, unexpected and wrongly shaped keys."""
+
+    def __init__(self, model_name: str, missing: list[str], unexpected: list[str],
+                 wrong_shape: list[tuple[str, tuple, tuple]], limit: int = 20):
+        self.missing, self.unexpected, self.wrong_shape = missing, unexpected, wrong_shape
+        lines = [f"{model_name}: the checkpoint does not match the model "
+                 f"({len(missing)} missing, {len(unexpected)} unexpected, {len(wrong_shape)} wrongly shaped keys)"]
+        for title, items in (("missing", missing), ("unexpected", unexpected)):
+            if items:
+                shown = ", ".join(items[:limit]) + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
+                lines.append(f"  {title}: {shown}")
+        for key, want, got in wrong_shape[:limit]:
+            lines.append(f"  wrong shape: {key}: model {want}, checkpoint {got}")
+        if len(wrong_shape) > limit:
+            lines.append(f"  ... {len(wrong_shape) - limit} more wrongly shaped keys")
+        super().__init__("\n".join(lines))
+
+
+def _torch_load(path: str, map_location) -> Any:
+    safe = getattr(torch.serialization, "safe_globals", None)
+    if safe is None:  # torch < 2.5
+        return torch.load(path, map_location=map_location, weights_only=True)
+    with safe([argparse.Namespace]):
+        return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu",
+                    entries: Iterable[str] = WEIGHT_ENTRIES) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """``(state_dict, metadata)`` from a checkpoint file. ``metadata`` holds the ``"tokenflow_ext"``
+    entry written by :func:`write_checkpoint` (empty for official files)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.endswith(".safetensors"):
+        try:
+            from safetensors import safe_open
+        except ImportError as error:
+            raise ImportError("reading .safetensors needs the safetensors package (pip install safetensors)") from error
+        with safe_open(path, framework="pt", device=str(map_location)) as handle:
+            state = {key: handle.get_tensor(key) for key in handle.keys()}
+            metadata = handle.metadata() or {}
+        return state, metadata
+    loaded = _torch_load(path, map_location)
+    if not isinstance(loaded, Mapping):
+        raise ValueError(f"{path}: expected a dict of tensors, got {type(loaded).__name__}")
+    metadata = dict(loaded.get("tokenflow_ext", {}) or {})
+    for entry in entries:
+        if isinstance(loaded.get(entry), Mapping):
+            loaded = loaded[entry]
+            break
+    state = {key: value for key, value in loaded.items() if isinstance(value, torch.Tensor)}
+    if not state:
+        raise ValueError(f"{path}: no tensors found (looked for the entries {list(entries)} and a bare state dict)")
+    if all(key.startswith("module.") for key in state):  # saved from DistributedDataParallel
+        state = {key[len("module."):]: value for key, value in state.items()}
+    return state, metadata
+
+
+def mismatch(model: nn.Module, state: Mapping[str, torch.Tensor]) -> tuple[list, list, list]:
+    """``(missing, unexpected, wrong_shape)`` of ``state`` against ``model.state_dict()``."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong_shape = [(key, tuple(expected[key].shape), tuple(state[key].shape))
+                   for key in sorted(set(expected) & set(state)) if expected[key].shape != state[key].shape]
+    return missing, unexpected, wrong_shape
+
+
+def load_checked(model: nn.Module, state: Mapping[str, torch.Tensor], *, strict: bool = True,
+                 assign: bool = False) -> tuple[list[str], list[str]]:
+    """``model.load_state_dict`` with a full mismatch report. Wrong shapes always raise; missing or
+    unexpected keys raise when ``strict``. Returns ``(missing, unexpected)``."""
+    missing, unexpected, wrong_shape = mismatch(model, state)
+    if wrong_shape or (strict and (missing or unexpected)):
+        raise StateDictMismatchError(type(model).__name__, missing, unexpected, wrong_shape)
+    model.load_state_dict(state, strict=strict, assign=assign)
+    return missing, unexpected
+
+
+def write_checkpoint(path: str | os.PathLike, state: Mapping[str, torch.Tensor], metadata: Mapping[str, Any]) -> str:
+    """Write ``state`` with ``metadata`` (JSON-able): safetensors for a ``.safetensors`` path, else a
+    ``torch.save`` dict ``{"model": state, "tokenflow_ext": metadata}`` that :func:`read_checkpoint` and
+    the official loaders (which look for ``"model"``) both read."""
+    path = os.fspath(path)
+    tensors = {key: value.detach().contiguous().cpu() for key, value in state.items()}
+    text_metadata = {key: value if isinstance(value, str) else json.dumps(value) for key, value in metadata.items()}
+    if path.endswith(".safetensors"):
+        try:
+            from safetensors.torch import save_file
+        except ImportError as error:
+            raise ImportError("writing .safetensors needs the safetensors package (pip install safetensors)") from error
+        save_file(tensors, path, metadata=text_metadata)
+    else:
+        torch.save({"model": tensors, "tokenflow_ext": text_metadata}, path)
+    return path

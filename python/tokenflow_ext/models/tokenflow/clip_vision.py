@@ -1,0 +1,88 @@
+"""OpenAI CLIP's ViT visual tower with OpenAI's parameter names (``conv1``, ``class_embedding``,
+``positional_embedding``, ``ln_pre``, ``transformer.resblocks.{i}``, ``ln_post``), as TokenFlow's
+``encoder_vqkd`` for the clipb teacher (SPEC §1.2). No ``proj``: TokenFlow deletes it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class QuickGELU(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+class ResidualAttentionBlock(nn.Module):
+    """Pre-LN block: ``x + attn(ln_1(x))`` then ``x + mlp(ln_2(x))`` (``mlp.c_fc``, QuickGELU, ``mlp.c_proj``)."""
+
+    def __init__(self, width: int, heads: int, mlp_width: int):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(width, heads, batch_first=True)
+        self.ln_1 = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(OrderedDict([("c_fc", nn.Linear(width, mlp_width)), ("gelu", QuickGELU()),
+                                              ("c_proj", nn.Linear(mlp_width, width))]))
+        self.ln_2 = nn.LayerNorm(width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        normed = self.ln_1(x)
+        x = x + self.attn(normed, normed, normed, need_weights=False)[0]
+        return x + self.mlp(self.ln_2(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, width: int, layers: int, heads: int, mlp_width: int):
+        super().__init__()
+        self.width, self.layers = width, layers
+        self.resblocks = nn.Sequential(*[ResidualAttentionBlock(width, heads, mlp_width) for _ in range(layers)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.resblocks(x)
+
+
+class CLIPVisionTower(nn.Module):
+    """Image ``(B, 3, H, W)`` -> ``ln_post`` of the patch tokens ``(B, (H/p)*(W/p), width)`` (CLS dropped).
+
+    Inputs at another resolution than ``input_resolution`` use the positional embedding resized bicubically
+    exactly as TokenFlow's ``infer_interpolate`` path does (scale factor ``(grid + 0.1) / stored_grid``).
+    """
+
+    def __init__(self, input_resolution: int = 224, patch_size: int = 16, width: int = 768, layers: int = 12,
+                 heads: int = 12, mlp_width: int | None = None):
+        super().__init__()
+        self.input_resolution, self.patch_size = input_resolution, patch_size
+        self.conv1 = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)
+        scale = width ** -0.5
+        grid = input_resolution // patch_size
+        self.class_embedding = nn.Parameter(scale * torch.randn(width))
+        self.positional_embedding = nn.Parameter(scale * torch.randn(grid * grid + 1, width))
+        self.ln_pre = nn.LayerNorm(width)
+        self.transformer = Transformer(width, layers, heads, mlp_width or 4 * width)
+        self.ln_post = nn.LayerNorm(width)
+
+    def positional_embedding_for(self, grid_h: int, grid_w: int) -> torch.Tensor:
+        stored = self.positional_embedding
+        stored_grid = math.isqrt(stored.shape[0] - 1)
+        if grid_h == grid_w == stored_grid:
+            return stored
+        patches = stored[1:].reshape(1, stored_grid, stored_grid, -1).permute(0, 3, 1, 2)
+        # The official +0.1 guards against floor() rounding below the target size.
+        resized = F.interpolate(patches, scale_factor=((grid_h + 0.1) / stored_grid, (grid_w + 0.1) / stored_grid),
+                                mode="bicubic")
+        if resized.shape[-2:] != (grid_h, grid_w):
+            raise ValueError(f"CLIPVisionTower: cannot resize the positional grid to {grid_h}x{grid_w}")
+        return torch.cat([stored[:1], resized.permute(0, 2, 3, 1).reshape(grid_h * grid_w, -1)], dim=0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.conv1(x)
+        grid_h, grid_w = tokens.shape[-2:]
+        tokens = tokens.flatten(2).transpose(1, 2)
+        cls = self.class_embedding.to(tokens.dtype).expand(tokens.shape[0], 1, -1)
+        tokens = torch.cat([cls, tokens], dim=1) + self.positional_embedding_for(grid_h, grid_w).to(tokens.dtype)
+        tokens = self.transformer(self.ln_pre(tokens))
+        return self.ln_post(tokens[:, 1:])
