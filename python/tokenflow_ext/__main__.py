@@ -100,9 +100,9 @@ def main(argv=None) -> int:
     b.add_argument("--sizes", metavar="LIST",
                    help="override the grid: comma-separated NxK (codebook families) and BxLxD (flow families)")
     b.add_argument("--families", type=_families, default=["search", "gather", "quantize", "multiscale", "flow_train",
-                                                           "flow_step", "flow_loop", "tokenizer"],
+                                                           "flow_step", "flow_loop", "tokenizer", "flowtok"],
                    help="comma-separated subset of search,gather,quantize,multiscale,flow_train,flow_step,flow_loop,"
-                        "tokenizer (multiscale and tokenizer: --full only)")
+                        "tokenizer,flowtok (multiscale, tokenizer, flowtok: whole models, --full only)")
     b.add_argument("--repeats", type=int, default=5, help="timed samples per implementation (median reported)")
     b.add_argument("--markdown", metavar="PATH", help="write the table as Markdown (benchmarks/results/ form)")
     b.add_argument("--json", metavar="PATH", help="write every row as JSON")

@@ -7,9 +7,10 @@ import torch
 from . import codebook, flow, models
 from .codebook import CodebookProblem, MultiScaleProblem
 from .flow import FlowProblem
-from .models import TokenizerProblem
+from .models import FlowTokSampleProblem, TokenizerProblem
 
-FAMILIES = ["search", "gather", "quantize", "multiscale", "flow_train", "flow_step", "flow_loop", "tokenizer"]
+FAMILIES = ["search", "gather", "quantize", "multiscale", "flow_train", "flow_step", "flow_loop", "tokenizer",
+            "flowtok"]
 CODEBOOK_FAMILIES = {"search", "gather", "quantize", "multiscale"}
 
 RUNNERS = {
@@ -21,8 +22,9 @@ RUNNERS = {
     "flow_step": flow.run_flow_step_case,
     "flow_loop": flow.run_flow_loop_case,
     "tokenizer": models.run_tokenizer_case,
+    "flowtok": models.run_flowtok_sample_case,
 }
-MODEL_FAMILIES = {"multiscale", "tokenizer"}  # whole-model cases: full grid only, not --sizes
+MODEL_FAMILIES = {"multiscale", "tokenizer", "flowtok"}  # whole-model cases: full grid only, not --sizes
 
 FLOWTOK, WIDE = (256, 77, 16), (64, 4096, 64)
 
@@ -50,7 +52,7 @@ def grid(mode: str) -> list[tuple[str, object]]:
                   ("flow_step", FlowProblem(shape, guidance_scale=1.0)), ("flow_loop", FlowProblem(shape)),
                   ("flow_loop", FlowProblem(shape, steps=50))]
     cases += [("tokenizer", TokenizerProblem("clipb_256", enhanced_decoder=True)),
-              ("tokenizer", TokenizerProblem("siglip_384"))]
+              ("tokenizer", TokenizerProblem("siglip_384")), ("flowtok", FlowTokSampleProblem("B", 64))]
     return cases
 
 
@@ -70,7 +72,7 @@ def parse_sizes(text: str) -> list[tuple[int, ...]]:
 
 def cases_for(mode: str, families: list[str], sizes: list[tuple[int, ...]] | None) -> list[tuple[str, object]]:
     """The run's cases: the mode's grid, or the given sizes (2 dims: codebook N x K; more: a flow shape).
-    The whole-model families (multiscale, tokenizer) run in the full grid only."""
+    The whole-model families (multiscale, tokenizer, flowtok) run in the full grid only."""
     if sizes is None:
         return [(family, problem) for family, problem in grid(mode) if family in families]
     cases = []
@@ -93,6 +95,8 @@ def problem_size(problem) -> int:
     """The x axis of the speedup plot: N*K for codebook cases, elements for flow cases."""
     if isinstance(problem, CodebookProblem):
         return problem.n * problem.k
+    if isinstance(problem, FlowTokSampleProblem):
+        return problem.batch * problem.steps * 77 * 16
     if isinstance(problem, TokenizerProblem):
         from tokenflow_ext.models.tokenflow import CONFIGS  # noqa: PLC0415
 

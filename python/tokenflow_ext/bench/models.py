@@ -80,3 +80,68 @@ def run_tokenizer_case(problem: TokenizerProblem, device: str, *, repeats: int =
     return [Row(family="tokenizer encode", shape=problem.shape, dtype="float32", device=device,
                 baseline="official-eager", baseline_ms=their_ms, ours_ms=ours_ms, baseline_peak=theirs[0][1],
                 ours_peak=ours[0][1], agreement=agreement, ok=ok, extra={"images_per_s": rate(ours_ms), "baseline_images_per_s": rate(their_ms)})]
+
+
+@dataclass
+class FlowTokSampleProblem:
+    """FlowTok text -> image-latent sampling: ``preset`` flow transformer (random weights, eval), ``batch``
+    prompts as CLIP features, ``steps`` Euler steps with CFG ``guidance_scale``. Decoding is not timed."""
+
+    preset: str = "B"
+    batch: int = 64
+    steps: int = 20
+    guidance_scale: float = 2.0
+
+    @property
+    def shape(self) -> str:
+        return f"FlowTok-{self.preset} B={self.batch} {self.steps} steps s={self.guidance_scale:g}"
+
+
+def flowtok_sample_callables(problem: FlowTokSampleProblem, device: str) -> dict[str, Callable]:
+    """``"fused"``: ``FlowTok.generate(decode=False)`` (one stacked cond/uncond forward per step, the fused
+    in-place CFG + Euler step); ``"official-eager"``: the official solver's loop (two forward passes per
+    step, eager ``x + dt * (v_u + s (v_c - v_u))``), same time grid and text latents. Both return latents."""
+    from tokenflow_ext.models import FlowTok  # noqa: PLC0415
+
+    torch.manual_seed(0)
+    model = FlowTok(problem.preset, text_encoder=False, tokenizer=False).to(device).eval()
+    for parameter in model.nnet.final_layer.parameters():  # adaLN-Zero init predicts 0: make the flow non-trivial
+        torch.nn.init.normal_(parameter, std=0.02)
+    features = torch.randn(problem.batch, 77, model.nnet.clip_dim, generator=torch.Generator().manual_seed(0)).to(device)
+
+    @torch.no_grad()
+    def fused():
+        return model.generate(features, num_steps=problem.steps, guidance_scale=problem.guidance_scale,
+                              decode=False, generator=torch.Generator(device).manual_seed(1))
+
+    @torch.no_grad()
+    def official():
+        x, _, _ = model.nnet.encode_text(features, generator=torch.Generator(device).manual_seed(1))
+        times = torch.linspace(0, 1 - 1e-5, problem.steps, device=device)
+        dt = (1 - 1e-5) / problem.steps
+        cond = torch.zeros(problem.batch, dtype=torch.bool, device=device)
+        for t_value in times:
+            t = t_value.repeat(problem.batch)
+            v_cond, v_uncond = model.nnet(x, t, cond), model.nnet(x, t, ~cond)
+            x = x + dt * (v_uncond + problem.guidance_scale * (v_cond - v_uncond))
+        return x
+
+    return {"fused": fused, "official-eager": official}
+
+
+def run_flowtok_sample_case(problem: FlowTokSampleProblem, device: str, *, repeats: int = 1) -> list[Row]:
+    callables = flowtok_sample_callables(problem, device)
+    ours_latents, their_latents = callables["fused"](), callables["official-eager"]()
+    error = (ours_latents - their_latents).abs().max().item()
+    ok = error <= 1e-3 * max(1.0, their_latents.abs().max().item())
+    ours = [_timed_peak(callables["fused"], device) for _ in range(max(1, repeats))]
+    theirs = [_timed_peak(callables["official-eager"], device) for _ in range(max(1, repeats))]
+    ours_ms = sorted(ms for ms, _ in ours)[len(ours) // 2]
+    their_ms = sorted(ms for ms, _ in theirs)[len(theirs) // 2]
+    rate = lambda ms: problem.batch / ms * 1e3  # noqa: E731
+    agreement = (f"{'max |diff| %.1e' % error if ok else 'FAIL %.1e' % error}; "
+                 f"{rate(ours_ms):.2f} vs {rate(their_ms):.2f} images/s")
+    return [Row(family="flowtok sampling", shape=problem.shape, dtype="float32", device=device,
+                baseline="official-eager", baseline_ms=their_ms, ours_ms=ours_ms, baseline_peak=theirs[0][1],
+                ours_peak=ours[0][1], agreement=agreement, ok=ok,
+                extra={"images_per_s": rate(ours_ms), "baseline_images_per_s": rate(their_ms)})]

@@ -1,7 +1,9 @@
 """Full models built on the fused ops: TokenFlow's tokenizer and FlowTok."""
 
 from ._checkpoint import StateDictMismatchError
+from .flowtok import FlowTiTok, FlowTok, FlowTransformer
 from .tokenflow import CONFIGS as TOKENFLOW_CONFIGS
 from .tokenflow import TokenFlowConfig, TokenFlowTokenizer
 
-__all__ = ["StateDictMismatchError", "TOKENFLOW_CONFIGS", "TokenFlowConfig", "TokenFlowTokenizer"]
+__all__ = ["FlowTiTok", "FlowTok", "FlowTransformer", "StateDictMismatchError", "TOKENFLOW_CONFIGS",
+           "TokenFlowConfig", "TokenFlowTokenizer"]

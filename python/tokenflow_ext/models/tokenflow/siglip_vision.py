@@ -10,8 +10,9 @@ there, so the last layer, ``post_layernorm`` and the pooling head are kept for c
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from .._layers import GeluMlp, projected_attention
 
 
 class SiglipAttention(nn.Module):
@@ -26,20 +27,11 @@ class SiglipAttention(nn.Module):
         self.out_proj = nn.Linear(width, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, n, c = x.shape
-        q, k, v = (proj(x).reshape(b, n, self.heads, c // self.heads).transpose(1, 2)
-                   for proj in (self.q_proj, self.k_proj, self.v_proj))
-        return self.out_proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c))
+        return projected_attention(x, self.q_proj, self.k_proj, self.v_proj, self.out_proj, self.heads)
 
 
-class SiglipMLP(nn.Module):
-    def __init__(self, width: int, mlp_width: int):
-        super().__init__()
-        self.fc1 = nn.Linear(width, mlp_width)
-        self.fc2 = nn.Linear(mlp_width, width)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+def SiglipMLP(width: int, mlp_width: int) -> GeluMlp:  # noqa: N802  (Hugging Face's module name)
+    return GeluMlp(width, mlp_width, approximate="tanh")
 
 
 class SiglipEncoderLayer(nn.Module):

@@ -1,0 +1,41 @@
+"""Small layers shared by the TokenFlow and FlowTok modules (their attribute names are the official ones)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class GeluMlp(nn.Module):
+    """``fc2(gelu(fc1(x)))``; ``approximate="tanh"`` for SigLIP and DiT, exact GELU for the BEiT decoder."""
+
+    def __init__(self, width: int, hidden: int, approximate: str = "none"):
+        super().__init__()
+        self.approximate = approximate
+        self.fc1 = nn.Linear(width, hidden)
+        self.fc2 = nn.Linear(hidden, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate=self.approximate))
+
+
+def projected_attention(x: torch.Tensor, q_proj: nn.Linear, k_proj: nn.Linear, v_proj: nn.Linear,
+                        out_proj: nn.Linear, heads: int, dropout: float = 0.0) -> torch.Tensor:
+    """Unmasked multi-head self-attention with separate q, k, v and output projections: ``(B, N, C)``."""
+    b, n, c = x.shape
+    q, k, v = (proj(x).reshape(b, n, heads, c // heads).transpose(1, 2) for proj in (q_proj, k_proj, v_proj))
+    return out_proj(F.scaled_dot_product_attention(q, k, v, dropout_p=dropout).transpose(1, 2).reshape(b, n, c))
+
+
+@torch.no_grad()
+def trunc_normal_init_(module: nn.Module, std: float = 0.02, kinds: tuple[type, ...] = (nn.Linear,)) -> None:
+    """Trunc-normal(std) weights and zero biases for ``kinds``; LayerNorm weight 1, bias 0."""
+    for child in module.modules():
+        if isinstance(child, kinds):
+            nn.init.trunc_normal_(child.weight, std=std)
+            if child.bias is not None:
+                nn.init.zeros_(child.bias)
+        elif isinstance(child, nn.LayerNorm) and child.weight is not None:
+            nn.init.ones_(child.weight)
+            nn.init.zeros_(child.bias)

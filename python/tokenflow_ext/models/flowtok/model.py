@@ -1,0 +1,207 @@
+"""FlowTok: text -> image (and image -> text) by flowing directly between 77x16 token spaces (SPEC §3)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from ...flow import FlowMatchingLoss, logit_normal_timesteps, sample
+from .._checkpoint import load_checked, read_checkpoint
+from .clip_text import CLIPTextEncoder
+from .dit import FlowTransformer
+from .flowtitok import FlowTiTok
+from .text_decoder import TextDecoder
+from .text_projector import contrastive_alignment_loss, kl_divergence
+
+
+def _part(value, default_factory):
+    if value is True:
+        return default_factory()
+    if value is False or value is None:
+        return None
+    if isinstance(value, nn.Module):
+        return value
+    raise TypeError(f"FlowTok: expected True, False/None or a module, got {type(value).__name__}")
+
+
+def null_indicator_roll(x1: torch.Tensor, probability: float, generator: torch.Generator | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """FlowTok's CFG training: each sample is null with ``probability``; the targets of the null samples
+    are rolled by one within the null subset (each is paired with another sample's image). With at most
+    one null sample nothing is null. Returns ``(targets, null_indicator)``; ``x1`` is not modified."""
+    null = torch.rand(x1.shape[0], generator=generator, device=generator.device if generator else "cpu")
+    null = (null < probability).to(x1.device)
+    if int(null.sum()) <= 1:
+        return x1, torch.zeros_like(null)
+    rolled = x1.clone()
+    subset = rolled[null]
+    rolled[null] = torch.cat([subset[1:], subset[:1]])
+    return rolled, null
+
+
+class FlowTok(nn.Module):
+    """The FlowTok system: CLIP text tower, flow transformer (with the text projector), FlowTiTok tokenizer.
+
+    ::
+
+        model = FlowTok("XL")            # presets "S", "B", "L", "XL", "H"
+        loss, parts = model.training_loss(images_or_latents, text_tokens_or_features)
+        images = model.generate(text_tokens_or_features, num_steps=20, guidance_scale=2.0)
+
+    - ``nnet``: :class:`FlowTransformer`; its state dict is the released ``FlowTok-XL.pth`` / ``-H.pth``.
+    - ``text_encoder``: :class:`CLIPTextEncoder` (frozen), used when text comes as token ids ``(B, 77)``;
+      text given as features ``(B, 77, 768)`` skips it. ``text_encoder=False`` leaves it out.
+    - ``tokenizer``: :class:`FlowTiTok` (frozen), used when images come as ``(B, 3, S, S)`` in [0, 1] and to
+      decode samples; latents ``(B, 77, 16)`` skip it. ``tokenizer=False`` leaves it out.
+    - ``text_decoder``: optional :class:`TextDecoder` for :meth:`image_to_text`.
+
+    Any of them can be passed as a module instead of ``True``. Loss weights default to the official
+    ones: ``kl_weight`` 0.01 (``kl_form="official"``, or ``"standard"``), ``align_weight`` 1.0,
+    ``cfg_probability`` 0.1. ``flow_kwargs`` go to :class:`FlowTransformer`.
+    """
+
+    def __init__(self, preset: str | tuple[int, int, int] = "XL", *, text_encoder: Any = True, tokenizer: Any = True,
+                 text_decoder: Any = None, image_size: int = 256, kl_weight: float = 0.01, kl_form: str = "official",
+                 align_weight: float = 1.0, cfg_probability: float = 0.1, sigma_min: float = 1e-5,
+                 **flow_kwargs):
+        super().__init__()
+        if kl_form not in ("official", "standard"):
+            raise ValueError(f"FlowTok: kl_form must be 'official' or 'standard', got {kl_form!r}")
+        self.nnet = FlowTransformer(preset, **flow_kwargs)
+        self.text_encoder = _part(text_encoder, CLIPTextEncoder)
+        self.tokenizer = _part(tokenizer, lambda: FlowTiTok(image_size))
+        self.text_decoder = _part(text_decoder, TextDecoder)
+        for frozen in (self.text_encoder, self.tokenizer):
+            if frozen is not None:
+                frozen.requires_grad_(False)
+        self.kl_weight, self.kl_form, self.align_weight = kl_weight, kl_form, align_weight
+        self.cfg_probability = cfg_probability
+        self.flow_loss = FlowMatchingLoss(sigma_min)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for frozen in (self.text_encoder, self.tokenizer):  # frozen towers stay in eval mode
+            if frozen is not None:
+                frozen.eval()
+        return self
+
+    # --------------------------------------------------------------------------------------- inputs
+
+    def text_features(self, text: torch.Tensor) -> torch.Tensor:
+        """Token ids ``(B, 77)`` (through the CLIP tower) or features ``(B, 77, clip_dim)`` -> features."""
+        if isinstance(text, torch.Tensor) and text.dim() == 2 and not text.is_floating_point():
+            if self.text_encoder is None:
+                raise ValueError("FlowTok: token ids need a text_encoder; pass CLIP features (B, 77, 768) instead")
+            with torch.no_grad():
+                return self.text_encoder(text)
+        if not isinstance(text, torch.Tensor) or text.dim() != 3 or not text.is_floating_point():
+            raise ValueError("FlowTok: text must be CLIP token ids (B, 77) int64 or features (B, 77, C) float, got "
+                             f"{tuple(text.shape) if isinstance(text, torch.Tensor) else type(text).__name__}")
+        return text
+
+    def image_latents(self, images_or_latents: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Images ``(B, 3, S, S)`` in [0, 1] (through FlowTiTok, a posterior sample times 1.0143) or latents
+        ``(B, 77, 16)`` -> latents."""
+        x = images_or_latents
+        if isinstance(x, torch.Tensor) and x.dim() == 4:
+            if self.tokenizer is None:
+                raise ValueError("FlowTok: images need a tokenizer; pass FlowTiTok latents (B, 77, 16) instead")
+            with torch.no_grad():
+                return self.tokenizer.encode(x, generator=generator)
+        shape = (self.nnet.tokens, self.nnet.channels)
+        if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[1:] != shape or not x.is_floating_point():
+            raise ValueError(f"FlowTok: expected images (B, 3, S, S) or latents (B, {shape[0]}, {shape[1]}) float, got "
+                             f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+        return x
+
+    # --------------------------------------------------------------------------------------- training
+
+    def training_loss(self, images_or_latents: torch.Tensor, text: torch.Tensor, *,
+                      generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``flow + kl_weight * KL + align_weight * contrastive`` on one batch -> ``(loss, parts)``.
+
+        The flow term runs on the fused ops (interpolation and loss with their fused backward), with
+        logit-normal ``t``; gradients reach the text projector through ``x_t`` and the target. Null samples
+        (CFG) get rolled targets (:func:`null_indicator_roll`)."""
+        x1 = self.image_latents(images_or_latents, generator)
+        features = self.text_features(text)
+        if features.shape[0] != x1.shape[0]:
+            raise ValueError(f"FlowTok: {x1.shape[0]} images but {features.shape[0]} texts")
+        x0, mu, log_var = self.nnet.encode_text(features, generator=generator)
+        parts = {}
+        zero = x0.new_zeros(())
+        parts["kl"] = self.kl_weight * kl_divergence(mu, log_var, self.kl_form) if self.kl_weight else zero
+        parts["align"] = (self.align_weight * contrastive_alignment_loss(x0, self.nnet.align_text(features),
+                                                                         self.nnet.t2t_temperature)
+                          if self.align_weight else zero)
+        targets, null = null_indicator_roll(x1, self.cfg_probability if self.training else 0.0, generator)
+        t = logit_normal_timesteps(x0.shape[0], device=x0.device, generator=generator).to(x0.device)
+        parts["flow"] = self.flow_loss(self.nnet, x0, targets.to(x0.dtype), t, null_indicator=null)
+        return parts["flow"] + parts["kl"] + parts["align"], parts
+
+    # --------------------------------------------------------------------------------------- sampling
+
+    def _velocity(self, guidance_scale: float):
+        def velocity(x: torch.Tensor, t: torch.Tensor):
+            if guidance_scale == 1.0:
+                return self.nnet(x, t, torch.zeros(x.shape[0], dtype=torch.bool, device=x.device))
+            null = torch.cat([torch.zeros(x.shape[0], dtype=torch.bool, device=x.device),
+                              torch.ones(x.shape[0], dtype=torch.bool, device=x.device)])
+            return self.nnet(torch.cat([x, x]), torch.cat([t, t]), null)  # stacked [cond; uncond]
+        return velocity
+
+    @torch.no_grad()
+    def generate(self, text: torch.Tensor, num_steps: int = 20, guidance_scale: float = 2.0, *,
+                 time_grid: str = "flowtok", decode: bool = True, generator: torch.Generator | None = None,
+                 progress: bool = False) -> torch.Tensor:
+        """Text (token ids ``(B, 77)`` or CLIP features ``(B, 77, 768)``) -> images ``(B, 3, S, S)`` in [0, 1]
+        (``decode=False`` or no tokenizer: latents ``(B, 77, 16)``). The text latent is sampled from the
+        projector (the only randomness), then ``num_steps`` Euler steps with CFG on the velocity
+        ``v_u + s (v_c - v_u)`` run through the fused step (``time_grid="flowtok"``: the official times)."""
+        features = self.text_features(text)
+        x0, _, _ = self.nnet.encode_text(features, generator=generator)
+        latents = sample(self._velocity(guidance_scale), x0, num_steps=num_steps, guidance_scale=guidance_scale,
+                         time_grid=time_grid, progress=progress)
+        if not decode or self.tokenizer is None:
+            return latents
+        return self.tokenizer.decode(latents, features)
+
+    @torch.no_grad()
+    def image_to_text(self, images_or_latents: torch.Tensor, num_steps: int = 20, guidance_scale: float = 1.0, *,
+                      time_grid: str = "uniform", decode: bool = True, progress: bool = False) -> torch.Tensor:
+        """Images (or their latents) -> the reverse flow to 77x16 text latents -> CLIP token ids ``(B, 77)``
+        through ``text_decoder`` (``decode=False`` or no decoder: the text latents)."""
+        x1 = self.image_latents(images_or_latents)
+        text_latents = sample(self._velocity(guidance_scale), x1, num_steps=num_steps, guidance_scale=guidance_scale,
+                              time_grid=time_grid, reverse=True, progress=progress)
+        if not decode or self.text_decoder is None:
+            return text_latents
+        return self.text_decoder.generate(text_latents)
+
+    # --------------------------------------------------------------------------------------- checkpoints
+
+    @classmethod
+    def from_pretrained(cls, flow_path: str | os.PathLike, preset: str | tuple[int, int, int] = "XL", *,
+                        tokenizer_path: str | os.PathLike | None = None,
+                        text_encoder_path: str | os.PathLike | None = None, text_decoder: nn.Module | None = None,
+                        strict: bool = True, tokenizer_kwargs: dict | None = None,
+                        text_encoder_kwargs: dict | None = None, **kwargs) -> "FlowTok":
+        """``FlowTok-XL.pth`` / ``FlowTok-H.pth`` (the flow transformer's state dict), optionally
+        ``FlowTiTok_512.bin`` (its resolution is read from the file) and a CLIP ViT-L/14-336 file; parts
+        without a path are left out. ``tokenizer_kwargs`` / ``text_encoder_kwargs`` size those parts when they
+        are not the official ones. Strict by default (:class:`StateDictMismatchError`). Eval mode."""
+        state, _ = read_checkpoint(flow_path)
+        with torch.device("meta"):
+            model = cls(preset, text_encoder=None, tokenizer=None, **kwargs)
+        load_checked(model.nnet, state, strict=strict, assign=True)
+        if tokenizer_path is not None:
+            model.tokenizer = FlowTiTok.from_pretrained(tokenizer_path, strict=strict,
+                                                       **(tokenizer_kwargs or {})).requires_grad_(False)
+        if text_encoder_path is not None:
+            model.text_encoder = CLIPTextEncoder.from_pretrained(text_encoder_path,
+                                                                 **(text_encoder_kwargs or {})).requires_grad_(False)
+        model.text_decoder = text_decoder
+        return model.eval()
