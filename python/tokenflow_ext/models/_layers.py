@@ -39,3 +39,11 @@ def trunc_normal_init_(module: nn.Module, std: float = 0.02, kinds: tuple[type, 
         elif isinstance(child, nn.LayerNorm) and child.weight is not None:
             nn.init.ones_(child.weight)
             nn.init.zeros_(child.bias)
+
+
+def randn_like_on(reference: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """``randn`` of ``reference``'s shape, dtype and device, drawn on ``generator``'s device (a CPU generator
+    works for CUDA tensors too, reproducibly)."""
+    device = generator.device if generator is not None else reference.device
+    noise = torch.randn(reference.shape, generator=generator, device=device, dtype=reference.dtype)
+    return noise.to(reference.device)

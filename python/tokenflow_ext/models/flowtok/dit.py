@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
-from .._layers import GeluMlp
+from .._layers import GeluMlp, randn_like_on
 from .text_projector import INITIAL_LOG_TEMPERATURE, FlowEncoder, alignment_mlp
 
 # Official FlowTok_{S,B,L,XL,H}: (depth, width, heads); MLP ratio 4.
@@ -174,8 +174,7 @@ class FlowTransformer(nn.Module):
         mu, log_var = self.context_encoder(text_features).chunk(2, dim=-1)
         if not sample:
             return mu, mu, log_var
-        noise = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
-        return mu + torch.exp(0.5 * log_var) * noise, mu, log_var
+        return mu + torch.exp(0.5 * log_var) * randn_like_on(mu, generator), mu, log_var
 
     def align_text(self, text_features: torch.Tensor) -> torch.Tensor:
         """The alignment target: ``context_projector`` per token, ``(B, 77, 16)``."""

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._checkpoint import load_checked, read_checkpoint
-from .._layers import trunc_normal_init_
+from .._layers import randn_like_on, trunc_normal_init_
 
 VIT_SIZES = {"small": (512, 8, 8), "base": (768, 12, 12), "large": (1024, 24, 16)}  # width, layers, heads
 SCALE_FACTOR = 1.0143  # latents are multiplied by it for the flow model and divided before decoding
@@ -167,8 +167,7 @@ class Posterior(NamedTuple):
     log_var: torch.Tensor
 
     def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
-        noise = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
-        return self.mean + torch.exp(0.5 * self.log_var) * noise
+        return self.mean + torch.exp(0.5 * self.log_var) * randn_like_on(self.mean, generator)
 
     def kl(self) -> torch.Tensor:
         """``0.5 * sum(mean^2 + var - 1 - log_var)`` over channels and tokens, per sample ``(B,)``."""

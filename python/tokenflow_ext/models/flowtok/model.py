@@ -32,8 +32,8 @@ def null_indicator_roll(x1: torch.Tensor, probability: float, generator: torch.G
     """FlowTok's CFG training: each sample is null with ``probability``; the targets of the null samples
     are rolled by one within the null subset (each is paired with another sample's image). With at most
     one null sample nothing is null. Returns ``(targets, null_indicator)``; ``x1`` is not modified."""
-    null = torch.rand(x1.shape[0], generator=generator, device=generator.device if generator else "cpu")
-    null = (null < probability).to(x1.device)
+    draws = torch.rand(x1.shape[0], generator=generator, device=generator.device if generator is not None else x1.device)
+    null = (draws < probability).to(x1.device)
     if int(null.sum()) <= 1:
         return x1, torch.zeros_like(null)
     rolled = x1.clone()
@@ -124,8 +124,9 @@ class FlowTok(nn.Module):
         """``flow + kl_weight * KL + align_weight * contrastive`` on one batch -> ``(loss, parts)``.
 
         The flow term runs on the fused ops (interpolation and loss with their fused backward), with
-        logit-normal ``t``; gradients reach the text projector through ``x_t`` and the target. Null samples
-        (CFG) get rolled targets (:func:`null_indicator_roll`)."""
+        logit-normal ``t``; gradients reach the text projector through ``x_t`` and the target. In training
+        mode, null samples (CFG) get rolled targets (:func:`null_indicator_roll`). ``generator`` (on any
+        device) makes every draw reproducible."""
         x1 = self.image_latents(images_or_latents, generator)
         features = self.text_features(text)
         if features.shape[0] != x1.shape[0]:
@@ -138,7 +139,8 @@ class FlowTok(nn.Module):
                                                                          self.nnet.t2t_temperature)
                           if self.align_weight else zero)
         targets, null = null_indicator_roll(x1, self.cfg_probability if self.training else 0.0, generator)
-        t = logit_normal_timesteps(x0.shape[0], device=x0.device, generator=generator).to(x0.device)
+        t = logit_normal_timesteps(x0.shape[0], device=generator.device if generator is not None else x0.device,
+                                   generator=generator).to(x0.device)
         parts["flow"] = self.flow_loss(self.nnet, x0, targets.to(x0.dtype), t, null_indicator=null)
         return parts["flow"] + parts["kl"] + parts["align"], parts
 
