@@ -66,20 +66,35 @@ def _timed_peak(fn: Callable, device: str) -> tuple[float, int | None]:
     return elapsed[0], peak
 
 
+def compare_models(family: str, shape: str, batch: int, callables: dict[str, Callable], device: str,
+                   compare: Callable, *, repeats: int = 1, warmup: bool = True) -> list[Row]:
+    """Whole-model row: ``callables["fused"]`` vs ``callables["official-eager"]``, each timed ``repeats``
+    times (median) with its peak memory. Without ``warmup`` the first timed call's result is the one
+    compared (for calls of minutes). ``compare(ours, theirs) -> (ok, text)``. Reports images/s."""
+    results: dict[str, list] = {name: [] for name in callables}
+    timings: dict[str, list] = {name: [] for name in callables}
+    for name, fn in callables.items():
+        if warmup:
+            results[name].append(fn())
+        for _ in range(max(1, repeats)):
+            timings[name].append(_timed_peak(lambda: results[name].append(fn()), device))
+    ok, text = compare(results["fused"][0], results["official-eager"][0])
+    median_ms = {name: sorted(ms for ms, _ in runs)[len(runs) // 2] for name, runs in timings.items()}
+    rate = {name: batch / ms * 1e3 for name, ms in median_ms.items()}
+    return [Row(family=family, shape=shape, dtype="float32", device=device, baseline="official-eager",
+                baseline_ms=median_ms["official-eager"], ours_ms=median_ms["fused"],
+                baseline_peak=timings["official-eager"][0][1], ours_peak=timings["fused"][0][1],
+                agreement=f"{text}; {rate['fused']:.2f} vs {rate['official-eager']:.2f} images/s", ok=ok,
+                extra={"images_per_s": rate["fused"], "baseline_images_per_s": rate["official-eager"]})]
+
+
 def run_tokenizer_case(problem: TokenizerProblem, device: str, *, repeats: int = 1) -> list[Row]:
-    callables = tokenizer_encode_callables(problem, device)
-    ours_indices = callables["fused"]()  # warm-up and the indices to compare
-    their_indices = callables["official-eager"]()
-    ok = torch.equal(ours_indices, their_indices)
-    ours = [_timed_peak(callables["fused"], device) for _ in range(max(1, repeats))]
-    theirs = [_timed_peak(callables["official-eager"], device) for _ in range(max(1, repeats))]
-    ours_ms = sorted(ms for ms, _ in ours)[len(ours) // 2]
-    their_ms = sorted(ms for ms, _ in theirs)[len(theirs) // 2]
-    rate = lambda ms: problem.batch / ms * 1e3  # noqa: E731
-    agreement = f"{'indices match' if ok else 'FAIL'}; {rate(ours_ms):.2f} vs {rate(their_ms):.2f} images/s"
-    return [Row(family="tokenizer encode", shape=problem.shape, dtype="float32", device=device,
-                baseline="official-eager", baseline_ms=their_ms, ours_ms=ours_ms, baseline_peak=theirs[0][1],
-                ours_peak=ours[0][1], agreement=agreement, ok=ok, extra={"images_per_s": rate(ours_ms), "baseline_images_per_s": rate(their_ms)})]
+    def same_indices(ours, theirs):
+        ok = torch.equal(ours, theirs)
+        return ok, "indices match" if ok else "FAIL"
+
+    return compare_models("tokenizer encode", problem.shape, problem.batch, tokenizer_encode_callables(problem, device),
+                          device, same_indices, repeats=repeats)
 
 
 @dataclass
@@ -130,23 +145,12 @@ def flowtok_sample_callables(problem: FlowTokSampleProblem, device: str) -> dict
 
 
 def run_flowtok_sample_case(problem: FlowTokSampleProblem, device: str, *, repeats: int = 1) -> list[Row]:
-    """Each sampler runs ``repeats`` times (default once: a CPU run of FlowTok-B at batch 64 takes minutes, so
-    the first, timed call is also the one whose latents are compared)."""
-    callables = flowtok_sample_callables(problem, device)
-    results: dict[str, list] = {"fused": [], "official-eager": []}
-    timings: dict[str, list] = {"fused": [], "official-eager": []}
-    for name, fn in callables.items():
-        for _ in range(max(1, repeats)):
-            timings[name].append(_timed_peak(lambda: results[name].append(fn()), device))
-    ours_latents, their_latents = results["fused"][0], results["official-eager"][0]
-    error = (ours_latents - their_latents).abs().max().item()
-    ok = error <= 1e-3 * max(1.0, their_latents.abs().max().item())
-    ours_ms = sorted(ms for ms, _ in timings["fused"])[len(timings["fused"]) // 2]
-    their_ms = sorted(ms for ms, _ in timings["official-eager"])[len(timings["official-eager"]) // 2]
-    rate = lambda ms: problem.batch / ms * 1e3  # noqa: E731
-    agreement = (f"{'max |diff| %.1e' % error if ok else 'FAIL %.1e' % error}; "
-                 f"{rate(ours_ms):.2f} vs {rate(their_ms):.2f} images/s")
-    return [Row(family="flowtok sampling", shape=problem.shape, dtype="float32", device=device,
-                baseline="official-eager", baseline_ms=their_ms, ours_ms=ours_ms,
-                baseline_peak=timings["official-eager"][0][1], ours_peak=timings["fused"][0][1], agreement=agreement,
-                ok=ok, extra={"images_per_s": rate(ours_ms), "baseline_images_per_s": rate(their_ms)})]
+    """No warm-up: a CPU run of FlowTok-B at batch 64 takes minutes, so the first, timed call of each
+    sampler is also the one whose latents are compared."""
+    def close_latents(ours, theirs):
+        error = (ours - theirs).abs().max().item()
+        ok = error <= 1e-3 * max(1.0, theirs.abs().max().item())
+        return ok, f"{'max |diff|' if ok else 'FAIL'} {error:.1e}"
+
+    return compare_models("flowtok sampling", problem.shape, problem.batch, flowtok_sample_callables(problem, device),
+                          device, close_latents, repeats=repeats, warmup=False)
