@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -47,3 +49,23 @@ def randn_like_on(reference: torch.Tensor, generator: torch.Generator | None = N
     device = generator.device if generator is not None else reference.device
     noise = torch.randn(reference.shape, generator=generator, device=device, dtype=reference.dtype)
     return noise.to(reference.device)
+
+
+def resize_positions(with_cls: torch.Tensor, grid_h: int, grid_w: int) -> torch.Tensor:
+    """Positional table ``(1 + g*g, C)`` (CLS row first) for a ``grid_h x grid_w`` patch grid: the patch rows
+    resized bicubically with TokenFlow's scale factor ``(grid + 0.1) / g`` (the +0.1 guards against floor()
+    rounding below the target size); returned unchanged when the grid is the stored one."""
+    stored_grid = math.isqrt(with_cls.shape[0] - 1)
+    if grid_h == grid_w == stored_grid:
+        return with_cls
+    patches = with_cls[1:].reshape(1, stored_grid, stored_grid, -1).permute(0, 3, 1, 2)
+    resized = F.interpolate(patches, scale_factor=((grid_h + 0.1) / stored_grid, (grid_w + 0.1) / stored_grid),
+                            mode="bicubic")
+    if resized.shape[-2:] != (grid_h, grid_w):
+        raise ValueError(f"cannot resize the {stored_grid}x{stored_grid} positional grid to {grid_h}x{grid_w}")
+    return torch.cat([with_cls[:1], resized.permute(0, 2, 3, 1).reshape(grid_h * grid_w, -1)], dim=0)
+
+
+def causal_mask(length: int, device=None) -> torch.Tensor:
+    """Additive ``(length, length)`` mask: 0 on and below the diagonal, -inf above."""
+    return torch.full((length, length), float("-inf"), device=device).triu(1)

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .._checkpoint import load_checked, read_checkpoint
+from .._layers import causal_mask
 from ..tokenflow.clip_vision import QuickGELU
 
 CONTEXT_LENGTH = 77
@@ -56,8 +57,7 @@ class CLIPTextEncoder(nn.Module):
         self.transformer = _Transformer(width, layers, heads)
         self.ln_final = nn.LayerNorm(width)
         self.text_projection = nn.Parameter(torch.empty(width, embed_dim))
-        self.register_buffer("attn_mask", torch.full((context_length, context_length), float("-inf")).triu(1),
-                             persistent=False)
+        self.register_buffer("attn_mask", causal_mask(context_length), persistent=False)
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         nn.init.normal_(self.positional_embedding, std=0.01)
         nn.init.normal_(self.text_projection, std=width ** -0.5)
@@ -91,7 +91,7 @@ class CLIPTextEncoder(nn.Module):
         with torch.device("meta"):
             model = cls(**kwargs)
         load_checked(model, text_state, strict=True, assign=True)
-        model.attn_mask = torch.full((model.context_length,) * 2, float("-inf")).triu(1)
+        model.attn_mask = causal_mask(model.context_length)  # non-persistent: still on the meta device
         return model.eval()
 
 

@@ -197,7 +197,7 @@ class FlowTok(nn.Module):
         are not the official ones. Strict by default (:class:`StateDictMismatchError`). Eval mode."""
         state, _ = read_checkpoint(flow_path)
         with torch.device("meta"):
-            model = cls(preset, text_encoder=None, tokenizer=None, **kwargs)
+            model = cls(preset, text_encoder=None, tokenizer=None, text_decoder=text_decoder, **kwargs)
         load_checked(model.nnet, state, strict=strict, assign=True)
         if tokenizer_path is not None:
             model.tokenizer = FlowTiTok.from_pretrained(tokenizer_path, strict=strict,
@@ -205,5 +205,4 @@ class FlowTok(nn.Module):
         if text_encoder_path is not None:
             model.text_encoder = CLIPTextEncoder.from_pretrained(text_encoder_path,
                                                                  **(text_encoder_kwargs or {})).requires_grad_(False)
-        model.text_decoder = text_decoder
         return model.eval()

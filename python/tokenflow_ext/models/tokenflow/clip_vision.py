@@ -5,12 +5,12 @@
 
 from __future__ import annotations
 
-import math
 from collections import OrderedDict
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from .._layers import resize_positions
 
 
 class QuickGELU(nn.Module):
@@ -66,17 +66,7 @@ class CLIPVisionTower(nn.Module):
         self.ln_post = nn.LayerNorm(width)
 
     def positional_embedding_for(self, grid_h: int, grid_w: int) -> torch.Tensor:
-        stored = self.positional_embedding
-        stored_grid = math.isqrt(stored.shape[0] - 1)
-        if grid_h == grid_w == stored_grid:
-            return stored
-        patches = stored[1:].reshape(1, stored_grid, stored_grid, -1).permute(0, 3, 1, 2)
-        # The official +0.1 guards against floor() rounding below the target size.
-        resized = F.interpolate(patches, scale_factor=((grid_h + 0.1) / stored_grid, (grid_w + 0.1) / stored_grid),
-                                mode="bicubic")
-        if resized.shape[-2:] != (grid_h, grid_w):
-            raise ValueError(f"CLIPVisionTower: cannot resize the positional grid to {grid_h}x{grid_w}")
-        return torch.cat([stored[:1], resized.permute(0, 2, 3, 1).reshape(grid_h * grid_w, -1)], dim=0)
+        return resize_positions(self.positional_embedding, grid_h, grid_w)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = self.conv1(x)

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._layers import GeluMlp, trunc_normal_init_
+from .._layers import GeluMlp, resize_positions, trunc_normal_init_
 
 
 class Attention(nn.Module):
@@ -78,16 +78,7 @@ class SemanticDecoder(nn.Module):
             block.mlp.fc2.weight.div_(math.sqrt(2.0 * layer_id))
 
     def positional_embedding_for(self, grid_h: int, grid_w: int) -> torch.Tensor:
-        stored = self.pos_embed
-        stored_grid = math.isqrt(stored.shape[1] - 1)
-        if grid_h == grid_w == stored_grid:
-            return stored
-        patches = stored[:, 1:].reshape(1, stored_grid, stored_grid, -1).permute(0, 3, 1, 2)
-        resized = F.interpolate(patches, scale_factor=((grid_h + 0.1) / stored_grid, (grid_w + 0.1) / stored_grid),
-                                mode="bicubic")
-        if resized.shape[-2:] != (grid_h, grid_w):
-            raise ValueError(f"SemanticDecoder: cannot resize the positional grid to {grid_h}x{grid_w}")
-        return torch.cat([stored[:, :1], resized.permute(0, 2, 3, 1).reshape(1, grid_h * grid_w, -1)], dim=1)
+        return resize_positions(self.pos_embed[0], grid_h, grid_w).unsqueeze(0)
 
     def forward(self, codes: torch.Tensor) -> torch.Tensor:
         tokens = self.patch_embed.proj(codes)

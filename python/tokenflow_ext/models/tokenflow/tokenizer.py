@@ -203,6 +203,9 @@ class TokenFlowTokenizer(nn.Module):
     def decode_pixels(self, features: torch.Tensor) -> torch.Tensor:
         """The pixel half of ``decode``: features ``(B, 40, S, S)`` -> image ``(B, 3, image_size, image_size)``."""
         self._check_features(features)
+        return self._pixels(features)
+
+    def _pixels(self, features: torch.Tensor) -> torch.Tensor:
         image = self.decoder(self.post_quant_conv(features[:, self.config.semantic_code_dim:]))
         size = self.config.image_size
         if image.shape[-1] != size:  # siglip: 432 -> 384
@@ -213,7 +216,7 @@ class TokenFlowTokenizer(nn.Module):
         """Features ``(B, 40, S, S)`` -> :class:`DecodeResult` ``(semantic, image)`` (official ``decode``)."""
         self._check_features(features)
         semantic = self.decode_task_layer(self.decoder_vqkd(features[:, :self.config.semantic_code_dim]))
-        return DecodeResult(semantic, self.decode_pixels(features))
+        return DecodeResult(semantic, self._pixels(features))
 
     def features_from_indices(self, indices: torch.Tensor) -> torch.Tensor:
         """Indices ``(B, L)`` (all scales, or a prefix of them) -> features ``(B, 40, S, S)``."""
