@@ -153,6 +153,13 @@ struct EulerCall {
   FlowBatch batch;
   bool guided = false;   // CFG: v_uncond given, or v_cond stacked [cond; uncond]
   bool stacked = false;  // v_cond is (2B, ...) and v_uncond is its second half
+
+  // The unconditional velocity's data: nullptr without CFG, the second half of a stacked v_cond, or v_uncond.
+  template <typename scalar_t>
+  const scalar_t* v_uncond_data(int64_t count) const {
+    if (!guided) return nullptr;
+    return stacked ? v_cond.const_data_ptr<scalar_t>() + count : v_uncond.const_data_ptr<scalar_t>();
+  }
 };
 
 inline EulerCall begin_flow_euler_step(const char* op, const at::Tensor& x, const at::Tensor& v_cond,

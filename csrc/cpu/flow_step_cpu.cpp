@@ -227,7 +227,7 @@ void run_euler_cpu(const EulerCall& call, double dt, double guidance_scale, at::
   TFX_DISPATCH_FLOATS(x.scalar_type(), "flow_euler_step_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* v_cond = call.v_cond.const_data_ptr<scalar_t>();
-    const scalar_t* v_uncond = !call.guided ? nullptr : call.stacked ? v_cond + count : call.v_uncond.const_data_ptr<scalar_t>();
+    const scalar_t* v_uncond = call.v_uncond_data<scalar_t>(count);
     euler_kernel<scalar_t, acc_t>(x.const_data_ptr<scalar_t>(), v_cond, v_uncond, count, static_cast<acc_t>(dt),
                                   static_cast<acc_t>(guidance_scale), out.data_ptr<scalar_t>());
   });
