@@ -1,7 +1,8 @@
 // CUDA codebook_search: one fused SIMT kernel computes 128 x 128 tiles of x.c products in registers and
 // folds them straight into a running argmin; the N x K matrix never exists. Exact fp32 FMA arithmetic
 // (fp64 for fp64 inputs). K is split across blocks when there are too few row tiles to fill the GPU;
-// a small merge kernel then picks the lowest k among equal minima.
+// a small merge kernel then picks the lowest k among equal minima (with one split the tile kernel writes
+// the indices itself).
 #include <ATen/OpMathType.h>
 #include <torch/library.h>
 
@@ -20,7 +21,13 @@ constexpr int kPerThread = 8;       // each thread owns 8 rows x 8 codes of the 
 constexpr int kTileRows = kThreadGrid * kPerThread;   // 128
 constexpr int kTileCodes = kThreadGrid * kPerThread;  // 128
 constexpr int kDepthChunk = 8;      // channels staged in shared memory per step
-constexpr int64_t kNoIndex = -1;
+// Staging rows are padded so that the transposed stores of one warp (8 depths x 4 rows) hit 32 banks.
+constexpr int kStagePad = 4;
+constexpr int32_t kNoIndex = -1;
+// Blocks per SM the launch plan assumes: __launch_bounds__ holds fp32 to 128 registers (64 accumulators,
+// 8 best scores, 8 int32 best indices, 16 staged operands); fp64 needs twice the registers, one block.
+template <typename acc_t>
+constexpr int kSearchBlocksPerSM = sizeof(acc_t) == 4 ? 2 : 1;
 
 // out(r) = [v_s, pixel_scale * v_p], bias(r) = ||v_s||^2 + pixel_weight ||v_p||^2 (v normalised if l2_norm).
 // One thread per row: O((N + K) * D) work next to the O(N * K * D) search.
@@ -40,8 +47,8 @@ __global__ void prepare_rows_kernel(const scalar_t* __restrict__ semantic, int64
 }
 
 // Candidate merge that also handles "no candidate yet" (index kNoIndex).
-template <typename acc_t>
-__device__ __forceinline__ bool takes_over(acc_t score, int64_t index, acc_t best, int64_t best_index) {
+template <typename acc_t, typename index_t>
+__device__ __forceinline__ bool takes_over(acc_t score, index_t index, acc_t best, index_t best_index) {
   if (index == kNoIndex) return false;
   if (best_index == kNoIndex) return true;
   return better_candidate(score, index, best, best_index);
@@ -55,34 +62,40 @@ struct SearchTileParams {
   int64_t N, K;
   int D;
   int64_t tiles_per_split;      // code tiles per blockIdx.y
-  acc_t* split_score;           // (splits, N)
-  int64_t* split_index;         // (splits, N)
+  acc_t* split_score;           // (splits, N), or null with one split (no merge follows)
+  int64_t* split_index;         // (splits, N); with one split, the output indices
 };
 
 // grid (ceil(N / 128), splits), 256 threads. Thread (ty, tx) owns rows row0 + ty + 16 i and codes
 // k0 + tx + 16 j (i, j < 8): conflict-free shared-memory reads, and each thread visits its codes in
 // increasing k, so a strict "better" keeps the lowest index; the 16 threads of a row merge lexicographically.
 template <typename acc_t>
-__global__ void __launch_bounds__(kThreads) search_tiles_kernel(SearchTileParams<acc_t> p) {
-  __shared__ acc_t x_stage[kDepthChunk][kTileRows];
-  __shared__ acc_t code_stage[kDepthChunk][kTileCodes];
+__global__ void __launch_bounds__(kThreads, kSearchBlocksPerSM<acc_t>) search_tiles_kernel(SearchTileParams<acc_t> p) {
+  __shared__ acc_t x_stage[kDepthChunk][kTileRows + kStagePad];
+  __shared__ acc_t code_stage[kDepthChunk][kTileCodes + kStagePad];
   const int tx = threadIdx.x % kThreadGrid;
   const int ty = threadIdx.x / kThreadGrid;
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kTileRows;
-  const int64_t code_tiles = (p.K + kTileCodes - 1) / kTileCodes;
-  const int64_t tile_begin = static_cast<int64_t>(blockIdx.y) * p.tiles_per_split;
-  const int64_t tile_end = min(code_tiles, tile_begin + p.tiles_per_split);
+  // Tile-local sizes and pointers in 32-bit terms (K < 2^31): fewer live 64-bit values, no register spills.
+  const int rows_here = static_cast<int>(min(static_cast<int64_t>(kTileRows), p.N - row0));
+  const acc_t* x_tile = p.x_unit + row0 * p.D;
+  const int K = static_cast<int>(p.K);
+  const int code_tiles = (K + kTileCodes - 1) / kTileCodes;
+  const int tile_begin = static_cast<int>(blockIdx.y * p.tiles_per_split);
+  const int tile_end = min(code_tiles, tile_begin + static_cast<int>(p.tiles_per_split));
 
   acc_t best[kPerThread];
-  int64_t best_index[kPerThread];
+  int32_t best_index[kPerThread];  // K < 2^31 (checked on the host): half the registers of int64
 #pragma unroll
   for (int i = 0; i < kPerThread; ++i) {
     best[i] = std::numeric_limits<acc_t>::infinity();
     best_index[i] = kNoIndex;
   }
 
-  for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
-    const int64_t k0 = tile * kTileCodes;
+  for (int tile = tile_begin; tile < tile_end; ++tile) {
+    const int k0 = tile * kTileCodes;
+    const int codes_here = min(kTileCodes, K - k0);
+    const acc_t* code_tile = p.codes_weighted + static_cast<int64_t>(k0) * p.D;
     acc_t acc[kPerThread][kPerThread];
 #pragma unroll
     for (int i = 0; i < kPerThread; ++i)
@@ -96,25 +109,22 @@ __global__ void __launch_bounds__(kThreads) search_tiles_kernel(SearchTileParams
         const int linear = threadIdx.x + e * kThreads;
         const int r = linear / kDepthChunk;
         const int d = linear % kDepthChunk;
-        const int64_t row = row0 + r;
-        const int64_t code = k0 + r;
         const bool depth_ok = d0 + d < p.D;
-        x_stage[d][r] = (row < p.N && depth_ok) ? p.x_unit[row * p.D + d0 + d] : acc_t(0);
-        code_stage[d][r] = (code < p.K && depth_ok) ? p.codes_weighted[code * p.D + d0 + d] : acc_t(0);
+        x_stage[d][r] = (r < rows_here && depth_ok) ? x_tile[r * p.D + d0 + d] : acc_t(0);
+        code_stage[d][r] = (r < codes_here && depth_ok) ? code_tile[r * p.D + d0 + d] : acc_t(0);
       }
       __syncthreads();
 #pragma unroll
       for (int d = 0; d < kDepthChunk; ++d) {
-        acc_t a[kPerThread];
         acc_t b[kPerThread];
-#pragma unroll
-        for (int i = 0; i < kPerThread; ++i) a[i] = x_stage[d][ty + kThreadGrid * i];
 #pragma unroll
         for (int j = 0; j < kPerThread; ++j) b[j] = code_stage[d][tx + kThreadGrid * j];
 #pragma unroll
-        for (int i = 0; i < kPerThread; ++i)
+        for (int i = 0; i < kPerThread; ++i) {
+          const acc_t a = x_stage[d][ty + kThreadGrid * i];  // one x value live at a time: fewer registers
 #pragma unroll
-          for (int j = 0; j < kPerThread; ++j) acc[i][j] = fma(a[i], b[j], acc[i][j]);
+          for (int j = 0; j < kPerThread; ++j) acc[i][j] = fma(a, b[j], acc[i][j]);
+        }
       }
       __syncthreads();
     }
@@ -122,8 +132,8 @@ __global__ void __launch_bounds__(kThreads) search_tiles_kernel(SearchTileParams
     // score = ||c||^2 - 2 x.c: d(n, k) minus the per-row constant ||x||^2.
 #pragma unroll
     for (int j = 0; j < kPerThread; ++j) {
-      const int64_t k = k0 + tx + kThreadGrid * j;
-      if (k >= p.K) break;
+      const int32_t k = k0 + tx + kThreadGrid * j;
+      if (k >= K) break;
       const acc_t bias = p.code_bias[k];
 #pragma unroll
       for (int i = 0; i < kPerThread; ++i) {
@@ -140,11 +150,11 @@ __global__ void __launch_bounds__(kThreads) search_tiles_kernel(SearchTileParams
 #pragma unroll
   for (int i = 0; i < kPerThread; ++i) {
     acc_t score = best[i];
-    int64_t index = best_index[i];
+    int32_t index = best_index[i];
 #pragma unroll
     for (int offset = kThreadGrid / 2; offset > 0; offset /= 2) {
       const acc_t other_score = __shfl_xor_sync(0xffffffffu, score, offset);
-      const int64_t other_index = __shfl_xor_sync(0xffffffffu, index, offset);
+      const int32_t other_index = __shfl_xor_sync(0xffffffffu, index, offset);
       if (takes_over(other_score, other_index, score, index)) {
         score = other_score;
         index = other_index;
@@ -152,7 +162,7 @@ __global__ void __launch_bounds__(kThreads) search_tiles_kernel(SearchTileParams
     }
     const int64_t row = row0 + ty + kThreadGrid * i;
     if (tx == 0 && row < p.N) {
-      p.split_score[blockIdx.y * p.N + row] = score;
+      if (p.split_score != nullptr) p.split_score[blockIdx.y * p.N + row] = score;
       p.split_index[blockIdx.y * p.N + row] = index;
     }
   }
@@ -191,6 +201,16 @@ __global__ void exact_min_distance_kernel(const acc_t* __restrict__ x_unit, cons
   }
 }
 
+// Splits of K across blockIdx.y, so that about one full wave of blocks (kSearchBlocksPerSM per SM) is in
+// flight when there are few row tiles (small N: one image, decoding). Every split gets at least one tile.
+int64_t plan_code_splits(const at::Device& device, int64_t row_tiles, int64_t code_tiles, at::ScalarType acc_type) {
+  const int64_t per_sm = acc_type == at::kDouble ? kSearchBlocksPerSM<double> : kSearchBlocksPerSM<float>;
+  const int64_t wanted_blocks = per_sm * multiprocessor_count(device);
+  const int64_t splits = std::min<int64_t>({code_tiles, std::max<int64_t>(1, wanted_blocks / row_tiles), 65535});
+  const int64_t tiles_per_split = (code_tiles + splits - 1) / splits;
+  return (code_tiles + tiles_per_split - 1) / tiles_per_split;
+}
+
 std::tuple<at::Tensor, at::Tensor> codebook_search_cuda(const at::Tensor& x, const at::Tensor& semantic_codebook,
                                                         const std::optional<at::Tensor>& pixel_codebook,
                                                         double pixel_weight, bool l2_norm) {
@@ -200,7 +220,10 @@ std::tuple<at::Tensor, at::Tensor> codebook_search_cuda(const at::Tensor& x, con
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
   const CodebookPair& books = call.books;
   const int64_t N = call.N, K = books.K;
-  const int Ds = static_cast<int>(books.Ds), Dp = static_cast<int>(books.Dp), D = Ds + Dp;
+  TORCH_CHECK(K < std::numeric_limits<int32_t>::max(), kSearchOp, ": at most 2^31 - 2 codes on CUDA, got K = ", K);
+  const int Ds = checked_int(kSearchOp, "semantic width Ds", books.Ds);
+  const int Dp = checked_int(kSearchOp, "pixel width Dp", books.Dp);
+  const int D = checked_int(kSearchOp, "row width Ds + Dp", books.D());
   const auto acc_options = call.rows.options().dtype(call.acc_type);
   at::Tensor x_unit = at::empty({N, D}, acc_options);
   at::Tensor codes_weighted = at::empty({K, D}, acc_options);
@@ -209,13 +232,11 @@ std::tuple<at::Tensor, at::Tensor> codebook_search_cuda(const at::Tensor& x, con
   const int64_t row_tiles = (N + kTileRows - 1) / kTileRows;
   const int64_t code_tiles = (K + kTileCodes - 1) / kTileCodes;
   TORCH_CHECK(row_tiles <= std::numeric_limits<int32_t>::max(), kSearchOp, ": too many rows (", N, ")");
-  // Split K across blockIdx.y until about two blocks per SM are in flight (small N: one image, decoding).
-  const int64_t wanted_blocks = 2LL * multiprocessor_count(x.device());
-  const int64_t splits = std::min<int64_t>({code_tiles, std::max<int64_t>(1, wanted_blocks / row_tiles), 65535});
-  const int64_t tiles_per_split = (code_tiles + splits - 1) / splits;
-  const int64_t used_splits = (code_tiles + tiles_per_split - 1) / tiles_per_split;
-  at::Tensor split_score = at::empty({used_splits, N}, acc_options);
-  at::Tensor split_index = at::empty({used_splits, N}, call.indices.options());
+  const int64_t used_splits = plan_code_splits(x.device(), row_tiles, code_tiles, call.acc_type);
+  const int64_t tiles_per_split = (code_tiles + used_splits - 1) / used_splits;
+  // One split: the tile kernel writes the indices directly, no merge buffers or launch.
+  at::Tensor split_score = used_splits > 1 ? at::empty({used_splits, N}, acc_options) : at::Tensor();
+  at::Tensor split_index = used_splits > 1 ? at::empty({used_splits, N}, call.indices.options()) : call.indices;
 
   TFX_DISPATCH_FLOATS(x.scalar_type(), "codebook_search_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -234,16 +255,19 @@ std::tuple<at::Tensor, at::Tensor> codebook_search_cuda(const at::Tensor& x, con
 
     SearchTileParams<acc_t> params{x_unit.const_data_ptr<acc_t>(), codes_weighted.const_data_ptr<acc_t>(),
                                    code_bias.const_data_ptr<acc_t>(), N, K, D, tiles_per_split,
-                                   split_score.data_ptr<acc_t>(), split_index.data_ptr<int64_t>()};
+                                   used_splits > 1 ? split_score.data_ptr<acc_t>() : nullptr,
+                                   split_index.data_ptr<int64_t>()};
     const dim3 grid(static_cast<unsigned int>(row_tiles), static_cast<unsigned int>(used_splits));
     search_tiles_kernel<acc_t><<<grid, kThreads, 0, stream>>>(params);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
 
     int64_t* idx_ptr = call.indices.data_ptr<int64_t>();
-    merge_splits_kernel<acc_t><<<grid_stride_blocks(N, 256), 256, 0, stream>>>(
-        split_score.const_data_ptr<acc_t>(), split_index.const_data_ptr<int64_t>(), N,
-        static_cast<int>(used_splits), idx_ptr);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (used_splits > 1) {
+      merge_splits_kernel<acc_t><<<grid_stride_blocks(N, 256), 256, 0, stream>>>(
+          split_score.const_data_ptr<acc_t>(), split_index.const_data_ptr<int64_t>(), N,
+          static_cast<int>(used_splits), idx_ptr);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
     exact_min_distance_kernel<scalar_t, acc_t><<<grid_stride_blocks(N, 256), 256, 0, stream>>>(
         x_unit.const_data_ptr<acc_t>(), sem_ptr, pix_ptr, idx_ptr, N, Ds, Dp, l2_norm, w,
         call.min_distance.data_ptr<acc_t>());

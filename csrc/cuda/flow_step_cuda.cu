@@ -1,6 +1,7 @@
 // CUDA flow_step kernels: grid-stride elementwise passes (one read of each input, one write of each output),
 // and a two-pass per-sample loss reduction (fixed-order partial sums: deterministic, no atomics).
-// No host synchronisation anywhere: the Euler step can be captured in a CUDA graph.
+// No host synchronisation anywhere: the Euler step can be captured in a CUDA graph. Elementwise loops index
+// with int32 when the size allows (see with_index_type), so the per-element `e / M` is a 32-bit division.
 #include <ATen/OpMathType.h>
 #include <torch/library.h>
 
@@ -11,17 +12,19 @@ namespace tokenflow_ext {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int64_t kLossChunk = 8192;  // elements of one sample reduced by one block
+constexpr int kWarpsPerBlock = kThreads / kWarpSize;
+constexpr int64_t kLossChunk = 4096;  // elements of one sample reduced by one warp
+constexpr int64_t kSmallSample = 32;  // up to this many elements per sample, one thread sums a whole sample
 
-#define TFX_GRID_STRIDE(index, count)                                                         \
-  for (int64_t index = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; index < (count); \
-       index += static_cast<int64_t>(gridDim.x) * blockDim.x)
+#define TFX_GRID_STRIDE(index_t, index, count)                                                    \
+  for (index_t index = static_cast<index_t>(blockIdx.x * blockDim.x + threadIdx.x); index < (count); \
+       index += static_cast<index_t>(gridDim.x * blockDim.x))
 
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, typename acc_t, typename index_t>
 __global__ void interpolate_kernel(const scalar_t* __restrict__ x0, const scalar_t* __restrict__ x1,
-                                   const acc_t* __restrict__ t, int64_t count, int64_t M, acc_t keep,
+                                   const acc_t* __restrict__ t, index_t count, index_t M, acc_t keep,
                                    scalar_t* __restrict__ x_t, scalar_t* __restrict__ v_target) {
-  TFX_GRID_STRIDE(e, count) {
+  TFX_GRID_STRIDE(index_t, e, count) {
     const acc_t tb = t[e / M];
     const acc_t source = static_cast<acc_t>(x0[e]);
     const acc_t target = static_cast<acc_t>(x1[e]);
@@ -30,11 +33,11 @@ __global__ void interpolate_kernel(const scalar_t* __restrict__ x0, const scalar
   }
 }
 
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, typename acc_t, typename index_t>
 __global__ void interpolate_backward_kernel(const scalar_t* __restrict__ grad_xt, const scalar_t* __restrict__ grad_v,
-                                            const acc_t* __restrict__ t, int64_t count, int64_t M, acc_t keep,
+                                            const acc_t* __restrict__ t, index_t count, index_t M, acc_t keep,
                                             scalar_t* __restrict__ grad_x0, scalar_t* __restrict__ grad_x1) {
-  TFX_GRID_STRIDE(e, count) {
+  TFX_GRID_STRIDE(index_t, e, count) {
     const acc_t tb = t[e / M];
     const acc_t g_xt = grad_xt != nullptr ? static_cast<acc_t>(grad_xt[e]) : acc_t(0);
     const acc_t g_v = grad_v != nullptr ? static_cast<acc_t>(grad_v[e]) : acc_t(0);
@@ -43,49 +46,63 @@ __global__ void interpolate_backward_kernel(const scalar_t* __restrict__ grad_xt
   }
 }
 
-// partial[b, chunk] = sum of (v_pred - v_target)^2 over one chunk of sample b. grid (chunks, B).
+// partial[b, chunk] = sum of (v_pred - v_target)^2 over one chunk of sample b, one warp per (b, chunk):
+// a flat grid-stride loop over B * chunks warps, so any B works (no gridDim.y limit) and no block barrier.
 template <typename scalar_t, typename acc_t>
 __global__ void loss_partial_kernel(const scalar_t* __restrict__ v_pred, const scalar_t* __restrict__ x0,
-                                    const scalar_t* __restrict__ x1, int64_t M, acc_t keep,
-                                    acc_t* __restrict__ partial) {
-  __shared__ acc_t warp_sums[kThreads / kWarpSize];
-  const int64_t b = blockIdx.y;
-  const int64_t begin = blockIdx.x * kLossChunk;
-  const int64_t end = min(M, begin + kLossChunk);
-  const int64_t offset = b * M;
-  acc_t sum = 0;
-  for (int64_t m = begin + threadIdx.x; m < end; m += blockDim.x) {
-    const int64_t e = offset + m;
-    const acc_t r = static_cast<acc_t>(v_pred[e]) - (static_cast<acc_t>(x1[e]) - keep * static_cast<acc_t>(x0[e]));
-    sum += r * r;
+                                    const scalar_t* __restrict__ x1, int64_t B, int64_t M, int64_t chunks,
+                                    acc_t keep, acc_t* __restrict__ partial) {
+  const int lane = threadIdx.x % kWarpSize;
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
+  for (int64_t item = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) / kWarpSize; item < B * chunks;
+       item += warps) {
+    const int64_t b = item / chunks;
+    const int64_t begin = (item - b * chunks) * kLossChunk;
+    const int64_t end = min(M, begin + kLossChunk);
+    const int64_t offset = b * M;
+    acc_t sum = 0;
+    for (int64_t m = begin + lane; m < end; m += kWarpSize) {
+      const int64_t e = offset + m;
+      const acc_t r = static_cast<acc_t>(v_pred[e]) - (static_cast<acc_t>(x1[e]) - keep * static_cast<acc_t>(x0[e]));
+      sum += r * r;
+    }
+    sum = warp_sum(sum);
+    if (lane == 0) partial[item] = sum;
   }
-  sum = warp_sum(sum);
-  if (threadIdx.x % kWarpSize == 0) warp_sums[threadIdx.x / kWarpSize] = sum;
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    acc_t block_sum = 0;
-    for (int w = 0; w < kThreads / kWarpSize; ++w) block_sum += warp_sums[w];
-    partial[b * gridDim.x + blockIdx.x] = block_sum;
+}
+
+// Small samples (M <= kSmallSample): loss[b] = mean over sample b, one thread per sample, in index order.
+template <typename scalar_t, typename acc_t>
+__global__ void loss_small_samples_kernel(const scalar_t* __restrict__ v_pred, const scalar_t* __restrict__ x0,
+                                          const scalar_t* __restrict__ x1, int64_t B, int64_t M, acc_t keep,
+                                          acc_t* __restrict__ loss) {
+  TFX_GRID_STRIDE(int64_t, b, B) {
+    acc_t sum = 0;
+    for (int64_t e = b * M; e < (b + 1) * M; ++e) {
+      const acc_t r = static_cast<acc_t>(v_pred[e]) - (static_cast<acc_t>(x1[e]) - keep * static_cast<acc_t>(x0[e]));
+      sum += r * r;
+    }
+    loss[b] = static_cast<acc_t>(static_cast<double>(sum) / static_cast<double>(M));
   }
 }
 
 template <typename acc_t>
 __global__ void loss_finalize_kernel(const acc_t* __restrict__ partial, int64_t B, int64_t chunks, int64_t M,
                                      acc_t* __restrict__ loss) {
-  TFX_GRID_STRIDE(b, B) {
+  TFX_GRID_STRIDE(int64_t, b, B) {
     double sum = 0;
     for (int64_t c = 0; c < chunks; ++c) sum += static_cast<double>(partial[b * chunks + c]);
     loss[b] = static_cast<acc_t>(sum / static_cast<double>(M));
   }
 }
 
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, typename acc_t, typename index_t>
 __global__ void loss_backward_kernel(const acc_t* __restrict__ grad_loss, const scalar_t* __restrict__ v_pred,
-                                     const scalar_t* __restrict__ x0, const scalar_t* __restrict__ x1, int64_t count,
-                                     int64_t M, acc_t keep, scalar_t* __restrict__ grad_v_pred,
+                                     const scalar_t* __restrict__ x0, const scalar_t* __restrict__ x1, index_t count,
+                                     index_t M, acc_t keep, scalar_t* __restrict__ grad_v_pred,
                                      scalar_t* __restrict__ grad_x0, scalar_t* __restrict__ grad_x1) {
   const acc_t per_element = acc_t(2) / static_cast<acc_t>(M);
-  TFX_GRID_STRIDE(e, count) {
+  TFX_GRID_STRIDE(index_t, e, count) {
     const acc_t r = static_cast<acc_t>(v_pred[e]) - (static_cast<acc_t>(x1[e]) - keep * static_cast<acc_t>(x0[e]));
     const acc_t gr = grad_loss[e / M] * per_element * r;
     grad_v_pred[e] = static_cast<scalar_t>(gr);
@@ -94,12 +111,12 @@ __global__ void loss_backward_kernel(const acc_t* __restrict__ grad_loss, const 
   }
 }
 
-// out = x + dt (v_u + s (v_c - v_u)), or x + dt v_c when v_uncond is null. out may alias x.
-template <typename scalar_t, typename acc_t>
-__global__ void euler_kernel(const scalar_t* x, const scalar_t* __restrict__ v_cond,
-                             const scalar_t* __restrict__ v_uncond, int64_t count, acc_t dt, acc_t scale,
-                             scalar_t* out) {
-  TFX_GRID_STRIDE(e, count) {
+// out = x + dt (v_u + s (v_c - v_u)), or x + dt v_c when v_uncond is null. In place, out is x, and x may also
+// be v_cond or v_uncond (exact aliasing), so none of these pointers is __restrict__.
+template <typename scalar_t, typename acc_t, typename index_t>
+__global__ void euler_kernel(const scalar_t* x, const scalar_t* v_cond, const scalar_t* v_uncond, index_t count,
+                             acc_t dt, acc_t scale, scalar_t* out) {
+  TFX_GRID_STRIDE(index_t, e, count) {
     const acc_t vc = static_cast<acc_t>(v_cond[e]);
     acc_t v = vc;
     if (v_uncond != nullptr) {
@@ -120,11 +137,15 @@ std::tuple<at::Tensor, at::Tensor> flow_interpolate_cuda(const at::Tensor& x0, c
   const c10::cuda::CUDAGuard guard(x0.device());
   TFX_DISPATCH_FLOATS(x0.scalar_type(), "flow_interpolate_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    interpolate_kernel<scalar_t, acc_t><<<grid_stride_blocks(count, kThreads), kThreads, 0, stream_for(x0)>>>(
-        call.x0.const_data_ptr<scalar_t>(), call.x1.const_data_ptr<scalar_t>(), call.t.const_data_ptr<acc_t>(), count,
-        call.batch.M, acc_t(1) - static_cast<acc_t>(sigma_min), call.x_t.data_ptr<scalar_t>(),
-        call.v_target.data_ptr<scalar_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    with_index_type(count, kThreads, [&](auto index) {
+      using index_t = decltype(index);
+      interpolate_kernel<scalar_t, acc_t, index_t><<<grid_stride_blocks(count, kThreads), kThreads, 0,
+                                                     stream_for(x0)>>>(
+          call.x0.const_data_ptr<scalar_t>(), call.x1.const_data_ptr<scalar_t>(), call.t.const_data_ptr<acc_t>(),
+          static_cast<index_t>(count), static_cast<index_t>(call.batch.M), acc_t(1) - static_cast<acc_t>(sigma_min),
+          call.x_t.data_ptr<scalar_t>(), call.v_target.data_ptr<scalar_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
   });
   return {call.x_t, call.v_target};
 }
@@ -141,11 +162,15 @@ std::tuple<at::Tensor, at::Tensor> flow_interpolate_backward_cuda(const std::opt
   const c10::cuda::CUDAGuard guard(ref.device());
   TFX_DISPATCH_FLOATS(ref.scalar_type(), "flow_interpolate_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    interpolate_backward_kernel<scalar_t, acc_t><<<grid_stride_blocks(count, kThreads), kThreads, 0, stream_for(ref)>>>(
-        maybe_ptr<scalar_t>(call.grad_x_t), maybe_ptr<scalar_t>(call.grad_v_target), call.t.const_data_ptr<acc_t>(),
-        count, call.batch.M, acc_t(1) - static_cast<acc_t>(sigma_min), maybe_mutable_ptr<scalar_t>(call.grad_x0),
-        maybe_mutable_ptr<scalar_t>(call.grad_x1));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    with_index_type(count, kThreads, [&](auto index) {
+      using index_t = decltype(index);
+      interpolate_backward_kernel<scalar_t, acc_t, index_t><<<grid_stride_blocks(count, kThreads), kThreads, 0,
+                                                              stream_for(ref)>>>(
+          maybe_ptr<scalar_t>(call.grad_x_t), maybe_ptr<scalar_t>(call.grad_v_target), call.t.const_data_ptr<acc_t>(),
+          static_cast<index_t>(count), static_cast<index_t>(call.batch.M), acc_t(1) - static_cast<acc_t>(sigma_min),
+          maybe_mutable_ptr<scalar_t>(call.grad_x0), maybe_mutable_ptr<scalar_t>(call.grad_x1));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
   });
   return {call.grad_x0, call.grad_x1};
 }
@@ -156,17 +181,23 @@ at::Tensor flow_matching_loss_cuda(const at::Tensor& v_pred, const at::Tensor& x
   const int64_t B = call.batch.B, M = call.batch.M;
   if (B == 0) return call.loss;
   const c10::cuda::CUDAGuard guard(v_pred.device());
-  const int64_t chunks = std::max<int64_t>(1, (M + kLossChunk - 1) / kLossChunk);
-  TORCH_CHECK(B <= 65535, "tokenflow_ext.flow_matching_loss: at most 65535 samples per call on CUDA, got ", B);
-  at::Tensor partial = at::zeros({B, chunks}, call.loss.options());
   TFX_DISPATCH_FLOATS(v_pred.scalar_type(), "flow_matching_loss_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const acc_t keep = acc_t(1) - static_cast<acc_t>(sigma_min);
-    if (M > 0) {
-      const dim3 grid(static_cast<unsigned int>(chunks), static_cast<unsigned int>(B));
-      loss_partial_kernel<scalar_t, acc_t><<<grid, kThreads, 0, stream_for(v_pred)>>>(
+    if (M > 0 && M <= kSmallSample) {
+      loss_small_samples_kernel<scalar_t, acc_t><<<grid_stride_blocks(B, kThreads), kThreads, 0, stream_for(v_pred)>>>(
           call.v_pred.const_data_ptr<scalar_t>(), call.x0.const_data_ptr<scalar_t>(), call.x1.const_data_ptr<scalar_t>(),
-          M, keep, partial.data_ptr<acc_t>());
+          B, M, keep, call.loss.data_ptr<acc_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      return;
+    }
+    const int64_t chunks = std::max<int64_t>(1, (M + kLossChunk - 1) / kLossChunk);
+    at::Tensor partial = at::zeros({B, chunks}, call.loss.options());
+    if (M > 0) {
+      loss_partial_kernel<scalar_t, acc_t><<<grid_stride_blocks(B * chunks * kWarpSize, kThreads), kThreads, 0,
+                                             stream_for(v_pred)>>>(
+          call.v_pred.const_data_ptr<scalar_t>(), call.x0.const_data_ptr<scalar_t>(), call.x1.const_data_ptr<scalar_t>(),
+          B, M, chunks, keep, partial.data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     loss_finalize_kernel<acc_t><<<grid_stride_blocks(B, kThreads), kThreads, 0, stream_for(v_pred)>>>(
@@ -191,11 +222,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flow_matching_loss_backward_cuda(
   const c10::cuda::CUDAGuard guard(v_pred.device());
   TFX_DISPATCH_FLOATS(v_pred.scalar_type(), "flow_matching_loss_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    loss_backward_kernel<scalar_t, acc_t><<<grid_stride_blocks(count, kThreads), kThreads, 0, stream_for(v_pred)>>>(
-        grads.const_data_ptr<acc_t>(), call.v_pred.const_data_ptr<scalar_t>(), call.x0.const_data_ptr<scalar_t>(),
-        call.x1.const_data_ptr<scalar_t>(), count, call.batch.M, acc_t(1) - static_cast<acc_t>(sigma_min),
-        grad_v_pred.data_ptr<scalar_t>(), maybe_mutable_ptr<scalar_t>(grad_x0), maybe_mutable_ptr<scalar_t>(grad_x1));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    with_index_type(count, kThreads, [&](auto index) {
+      using index_t = decltype(index);
+      loss_backward_kernel<scalar_t, acc_t, index_t><<<grid_stride_blocks(count, kThreads), kThreads, 0,
+                                                       stream_for(v_pred)>>>(
+          grads.const_data_ptr<acc_t>(), call.v_pred.const_data_ptr<scalar_t>(), call.x0.const_data_ptr<scalar_t>(),
+          call.x1.const_data_ptr<scalar_t>(), static_cast<index_t>(count), static_cast<index_t>(call.batch.M),
+          acc_t(1) - static_cast<acc_t>(sigma_min), grad_v_pred.data_ptr<scalar_t>(),
+          maybe_mutable_ptr<scalar_t>(grad_x0), maybe_mutable_ptr<scalar_t>(grad_x1));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
   });
   return {grad_v_pred, grad_x0, grad_x1};
 }
@@ -209,10 +245,13 @@ void run_euler_cuda(const EulerCall& call, double dt, double guidance_scale, at:
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* v_cond = call.v_cond.const_data_ptr<scalar_t>();
     const scalar_t* v_uncond = call.v_uncond_data<scalar_t>(count);
-    euler_kernel<scalar_t, acc_t><<<grid_stride_blocks(count, kThreads), kThreads, 0, stream_for(x)>>>(
-        x.const_data_ptr<scalar_t>(), v_cond, v_uncond, count, static_cast<acc_t>(dt),
-        static_cast<acc_t>(guidance_scale), out.data_ptr<scalar_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    with_index_type(count, kThreads, [&](auto index) {
+      using index_t = decltype(index);
+      euler_kernel<scalar_t, acc_t, index_t><<<grid_stride_blocks(count, kThreads), kThreads, 0, stream_for(x)>>>(
+          x.const_data_ptr<scalar_t>(), v_cond, v_uncond, static_cast<index_t>(count), static_cast<acc_t>(dt),
+          static_cast<acc_t>(guidance_scale), out.data_ptr<scalar_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
   });
 }
 
