@@ -279,6 +279,16 @@ class TestBadInput:
         with pytest.raises(RuntimeError, match="pixel_weight must be finite"):
             self.search(self.x, self.semantic, self.pixel, pixel_weight=float("inf"))
 
+    def test_weight_that_overflows_the_accumulate_type(self):
+        # issue 12 (5): 1e300 is inf in fp32 arithmetic; it used to give index 0 everywhere and inf distances
+        with pytest.raises(RuntimeError, match=r"codebook_search: pixel_weight = 1e\+300 overflows the Float"):
+            self.search(self.x, self.semantic, self.pixel, pixel_weight=1e300)
+        x, semantic, pixel = (t.double() for t in (self.x, self.semantic, self.pixel))
+        indices, distance = self.search(x, semantic, pixel, pixel_weight=1e300)  # fine in fp64
+        assert torch.isfinite(distance).all()
+        ref, _ = codebook_search_reference(x, semantic, pixel, pixel_weight=1e300)
+        assert torch.equal(indices, ref)
+
     def test_zero_dim_x(self):
         with pytest.raises(RuntimeError, match="at least 1 dim"):
             self.search(torch.tensor(1.0), self.semantic[:, :1])
