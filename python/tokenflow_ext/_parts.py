@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import numbers
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -32,6 +35,27 @@ def check_same_device_dtype(op: str, tensors: dict) -> None:
             raise RuntimeError(f"{op}: {name} is on {t.device} but {ref_name} is on {ref.device}; move them to one device")
         if t.dtype != ref.dtype:
             raise RuntimeError(f"{op}: {name} has dtype {t.dtype} but {ref_name} has dtype {ref.dtype}")
+
+
+def float_arg(op: str, name: str, value) -> float:
+    """``value`` as a Python float, or a TypeError naming the op and the argument.
+
+    A tensor is refused (``float(tensor)`` would silently drop its gradient and synchronise a GPU); so are
+    bools and non-numbers.
+    """
+    if isinstance(value, torch.Tensor):
+        why = " that requires grad (the op is not differentiable in it)" if value.requires_grad else ""
+        raise TypeError(f"{op}: {name} must be a Python float, got a Tensor{why}; pass a float")
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (numbers.Real, torch.SymFloat, torch.SymInt)):
+        raise TypeError(f"{op}: {name} must be a float, got {type(value).__name__} {value!r}")
+    return float(value) if isinstance(value, numbers.Real) else value
+
+
+def bool_arg(op: str, name: str, value) -> bool:
+    """``value`` as a Python bool (``bool`` or ``numpy.bool_`` only), or a TypeError naming the op and argument."""
+    if not isinstance(value, (bool, np.bool_, torch.SymBool)):
+        raise TypeError(f"{op}: {name} must be a bool, got {type(value).__name__} {value!r}")
+    return bool(value) if isinstance(value, (bool, np.bool_)) else value
 
 
 def normalize_parts(x: torch.Tensor, semantic_dim: int) -> torch.Tensor:

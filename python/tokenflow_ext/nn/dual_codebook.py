@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._parts import normalize_parts
+from .._parts import bool_arg, float_arg, normalize_parts
 from ..ops.codebook_gather import codebook_gather
 from ..ops.codebook_search import codebook_search
 from ._stats import entropy_loss, mean_squared_distance_sum
@@ -52,6 +52,8 @@ class DualCodebookQuantizer(nn.Module):
                  deterministic: bool | None = None, kmeans_init: bool = False, kmeans_iters: int = 10,
                  ema: bool = False, ema_decay: float = 0.99):
         super().__init__()
+        pixel_weight = float_arg("DualCodebookQuantizer", "pixel_weight", pixel_weight)
+        l2_norm = bool_arg("DualCodebookQuantizer", "l2_norm", l2_norm)
         if codebook_size < 1 or semantic_dim < 1 or pixel_dim < 1:
             raise ValueError("DualCodebookQuantizer: codebook_size, semantic_dim and pixel_dim must be >= 1")
         if pixel_weight < 0:

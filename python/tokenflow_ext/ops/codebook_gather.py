@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .._parts import check_same_device_dtype, codebook_widths
+from .._parts import bool_arg, check_same_device_dtype, codebook_widths
 
 _op = torch.ops.tokenflow_ext.codebook_gather
 _backward_op = torch.ops.tokenflow_ext.codebook_gather_backward
@@ -35,7 +35,9 @@ def codebook_gather(
     """
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
-    return _op(indices, semantic_codebook, pixel_codebook, bool(l2_norm), bool(deterministic))
+    l2_norm = bool_arg("tokenflow_ext.codebook_gather", "l2_norm", l2_norm)
+    deterministic = bool_arg("tokenflow_ext.codebook_gather", "deterministic", deterministic)
+    return _op(indices, semantic_codebook, pixel_codebook, l2_norm, deterministic)
 
 
 @torch.library.register_fake("tokenflow_ext::codebook_gather")

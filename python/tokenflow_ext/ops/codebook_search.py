@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .._parts import accumulate_dtype, check_same_device_dtype, codebook_widths, normalize_parts, normalize_parts_backward, part_weights
+from .._parts import accumulate_dtype, bool_arg, check_same_device_dtype, float_arg, codebook_widths, normalize_parts, normalize_parts_backward, part_weights
 
 _op = torch.ops.tokenflow_ext.codebook_search
 _gather = torch.ops.tokenflow_ext.codebook_gather
@@ -40,7 +40,9 @@ def codebook_search(
     Arithmetic is fp32 for fp32/fp16/bf16 inputs (fp64 for fp64); CPU tiles go through torch's GEMM,
     CUDA through a fused SIMT kernel. Memory is O((N + K) * D).
     """
-    return _op(x, semantic_codebook, pixel_codebook, float(pixel_weight), bool(l2_norm))
+    pixel_weight = float_arg("tokenflow_ext.codebook_search", "pixel_weight", pixel_weight)
+    l2_norm = bool_arg("tokenflow_ext.codebook_search", "l2_norm", l2_norm)
+    return _op(x, semantic_codebook, pixel_codebook, pixel_weight, l2_norm)
 
 
 @torch.library.register_fake("tokenflow_ext::codebook_search")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .._parts import accumulate_dtype
+from .._parts import accumulate_dtype, float_arg
 
 _ops = torch.ops.tokenflow_ext
 
@@ -31,7 +31,8 @@ def interpolate(x0: torch.Tensor, x1: torch.Tensor, t: torch.Tensor, sigma_min: 
         ``x_t = (1 - (1 - sigma_min) t) x0 + t x1`` and ``v_target = x1 - (1 - sigma_min) x0``. Gradients
         flow to ``x0`` through both outputs (the target is not detached, as in FlowTok), to ``x1`` and to ``t``.
     """
-    return _ops.flow_interpolate(x0, x1 if x1_grad else x1.detach(), t, float(sigma_min))
+    sigma_min = float_arg("tokenflow_ext.flow.interpolate", "sigma_min", sigma_min)
+    return _ops.flow_interpolate(x0, x1 if x1_grad else x1.detach(), t, sigma_min)
 
 
 def matching_loss(v_pred: torch.Tensor, x0: torch.Tensor, x1: torch.Tensor, sigma_min: float = 1e-5,
@@ -45,7 +46,8 @@ def matching_loss(v_pred: torch.Tensor, x0: torch.Tensor, x1: torch.Tensor, sigm
     """
     if reduction not in REDUCTIONS:
         raise ValueError(f"matching_loss: reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    per_sample = _ops.flow_matching_loss(v_pred, x0, x1 if x1_grad else x1.detach(), float(sigma_min))
+    sigma_min = float_arg("tokenflow_ext.flow.matching_loss", "sigma_min", sigma_min)
+    per_sample = _ops.flow_matching_loss(v_pred, x0, x1 if x1_grad else x1.detach(), sigma_min)
     if reduction == "mean":
         return per_sample.mean()
     if reduction == "sum":
@@ -62,13 +64,16 @@ def euler_step(x: torch.Tensor, v_cond: torch.Tensor, v_uncond: torch.Tensor | N
     one model call on ``cat([cond, uncond])`` (first half conditional), so no ``chunk`` copies are needed.
     ``dt`` and ``s`` are Python floats: no host synchronisation, safe inside a CUDA graph.
     """
-    return _ops.flow_euler_step(x, v_cond, v_uncond, float(dt), float(guidance_scale))
+    op = "tokenflow_ext.flow.euler_step"
+    return _ops.flow_euler_step(x, v_cond, v_uncond, float_arg(op, "dt", dt),
+                                float_arg(op, "guidance_scale", guidance_scale))
 
 
 def euler_step_(x: torch.Tensor, v_cond: torch.Tensor, v_uncond: torch.Tensor | None = None, *, dt: float,
                 guidance_scale: float = 1.0) -> torch.Tensor:
     """In-place :func:`euler_step`: updates and returns ``x``."""
-    _ops.flow_euler_step_(x, v_cond, v_uncond, float(dt), float(guidance_scale))
+    op = "tokenflow_ext.flow.euler_step_"
+    _ops.flow_euler_step_(x, v_cond, v_uncond, float_arg(op, "dt", dt), float_arg(op, "guidance_scale", guidance_scale))
     return x
 
 
