@@ -292,3 +292,12 @@ class TestBadInput:
     def test_zero_dim_x(self):
         with pytest.raises(RuntimeError, match="at least 1 dim"):
             self.search(torch.tensor(1.0), self.semantic[:, :1])
+
+
+@pytest.mark.parametrize("l2_norm", [True, False])
+def test_double_backward_min_distance(l2_norm):
+    """Issue 12 (3): the min_distance backward is differentiable (create_graph=True)."""
+    x, semantic, pixel = make_problem(7, 9, 6, 3, dtype=torch.float64, seed=43)
+    leaves = tuple(t.requires_grad_() for t in (x, semantic, pixel))
+    assert torch.autograd.gradgradcheck(
+        lambda a, s, p: tokenflow_ext.codebook_search(a, s, p, pixel_weight=0.5, l2_norm=l2_norm)[1], leaves)

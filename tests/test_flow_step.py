@@ -323,3 +323,16 @@ class TestEulerStepInPlaceIsAMutatingOp:
         expected = euler_step_reference(stacked[:3].clone(), stacked.clone(), dt=0.1, guidance_scale=2.0)
         flow.euler_step_(stacked[:3], stacked, dt=0.1, guidance_scale=2.0)
         torch.testing.assert_close(stacked[:3], expected)
+
+
+def test_double_backward():
+    """Issue 12 (3): the backward of interpolate and matching_loss is differentiable (create_graph=True)."""
+    g = torch.Generator().manual_seed(31)
+    x0, x1, v = (torch.randn(3, 4, 5, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    t = torch.rand(3, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda a, b, tt: flow.interpolate(a, b, tt, 0.1), (x0, x1, t))
+    assert torch.autograd.gradgradcheck(lambda p, a, b: flow.matching_loss(p, a, b, 0.1, "none"), (v, x0, x1))
+    # d/dv sum(d loss / dv) for loss = mean_b mean_i (v - target)^2 is 2 / (B M) per element
+    first = torch.autograd.grad(flow.matching_loss(v, x0, x1), v, create_graph=True)[0]
+    second = torch.autograd.grad(first.sum(), v)[0]
+    torch.testing.assert_close(second, torch.full_like(v, 2.0 / v.numel()))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .._parts import bool_arg, check_same_device_dtype, codebook_widths
+from .._parts import bool_arg, check_same_device_dtype, codebook_widths, gather_backward_composite
 
 _op = torch.ops.tokenflow_ext.codebook_gather
 _backward_op = torch.ops.tokenflow_ext.codebook_gather_backward
@@ -64,6 +64,10 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_rows):
     indices, semantic_codebook, pixel_codebook = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph=True: the backward must itself be differentiable
+        grad_semantic, grad_pixel = gather_backward_composite(grad_rows, indices, semantic_codebook, pixel_codebook,
+                                                              ctx.l2_norm)
+        return None, grad_semantic, grad_pixel, None, None
     grad_semantic, grad_pixel = _backward_op(
         grad_rows.contiguous(), indices, semantic_codebook, pixel_codebook, ctx.l2_norm, ctx.deterministic
     )

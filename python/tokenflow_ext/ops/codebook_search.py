@@ -4,7 +4,17 @@ from __future__ import annotations
 
 import torch
 
-from .._parts import accumulate_dtype, bool_arg, check_same_device_dtype, float_arg, codebook_widths, normalize_parts, normalize_parts_backward, part_weights
+from .._parts import (
+    accumulate_dtype,
+    bool_arg,
+    check_same_device_dtype,
+    codebook_widths,
+    float_arg,
+    gather_backward_composite,
+    normalize_parts,
+    normalize_parts_backward,
+    part_weights,
+)
 
 _op = torch.ops.tokenflow_ext.codebook_search
 _gather = torch.ops.tokenflow_ext.codebook_gather
@@ -87,7 +97,10 @@ def _backward(ctx, grad_indices, grad_distance):
     if ctx.needs_input_grad[0]:
         grad_x = normalize_parts_backward(x_compute, grad_x_hat, semantic_dim) if ctx.l2_norm else grad_x_hat
         grad_x = grad_x.to(x.dtype)
-    if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+    if (ctx.needs_input_grad[1] or ctx.needs_input_grad[2]) and torch.is_grad_enabled():  # double backward
+        grad_semantic, grad_pixel = gather_backward_composite(-grad_x_hat, indices, semantic_codebook, pixel_codebook,
+                                                              ctx.l2_norm)
+    elif ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
         grad_semantic, grad_pixel = _gather_backward(
             (-grad_x_hat).to(semantic_codebook.dtype).contiguous(),
             indices,
