@@ -46,9 +46,14 @@ def test_pixel_weights(device, pixel_weight):
 @pytest.mark.parametrize("l2_norm", [True, False])
 def test_clustered_near_ties(device, dtype, l2_norm):
     x, semantic, pixel, pick = make_near_tie_problem(1000, 2048, dtype=dtype, device=device)
-    indices, _ = assert_search_matches_reference(x, semantic, pixel, l2_norm=l2_norm, min_exact=0.5)
+    # The two codes of a pair are 1e-6 apart: the fp32 expanded formula of the reference picks either at random,
+    # so only near-tie agreement is required of it.
+    indices, _ = assert_search_matches_reference(x, semantic, pixel, l2_norm=l2_norm, min_exact=0.0)
     # the planted pair is found, whichever of its two near-identical codes wins
     assert torch.equal(indices % 1024, pick % 1024)
+    if device == "cpu":  # the CPU re-ranks GEMM near-ties by exact distance: it mostly finds the fp64 winner
+        truth = codebook_distances(x, semantic, pixel, l2_norm=l2_norm).argmin(dim=1)
+        assert (indices == truth).double().mean() >= 0.95
 
 
 def test_pixel_weight_zero_ignores_pixel_part():
@@ -109,6 +114,28 @@ def test_non_contiguous_inputs(device):
     nchw = x.reshape(4, 10, 10, 40).permute(0, 3, 1, 2).contiguous()
     got_view = tokenflow_ext.codebook_search(nchw.permute(0, 2, 3, 1), semantic, pixel)
     assert torch.equal(got_view[0].reshape(-1), expected[0])
+
+
+def test_ties_do_not_depend_on_the_batch():
+    """Issue 12 (4): bitwise-identical codes gave a higher index in a batch (BLAS rounding differs by column
+    position) than for the row alone. Near-ties are now re-ranked by exact distance, then by index."""
+    g = torch.Generator().manual_seed(1)
+    sem = torch.randn(7, 7, generator=g, dtype=torch.float64)
+    sem[5] = sem[1]
+    x = torch.randn(20, 7, generator=g, dtype=torch.float64)
+    batch, _ = tokenflow_ext.codebook_search(x, sem, l2_norm=False)
+    alone = torch.stack([tokenflow_ext.codebook_search(x[r:r + 1], sem, l2_norm=False)[0][0] for r in range(20)])
+    assert batch[4] == 1 and torch.equal(batch, alone) and not (batch == 5).any()
+    # fp32, dual codebook, many copies spread over several GEMM tiles and thread splits
+    x, semantic, pixel = make_problem(300, 700, seed=5)
+    semantic[650], pixel[650] = semantic[3], pixel[3]
+    semantic[1300 // 2 + 1], pixel[1300 // 2 + 1] = semantic[3], pixel[3]
+    for l2_norm in (True, False):
+        batch, _ = tokenflow_ext.codebook_search(x, semantic, pixel, l2_norm=l2_norm)
+        assert not ((batch == 650) | (batch == 651)).any()
+        for rows in (slice(0, 1), slice(7, 9), slice(0, 257)):
+            part, _ = tokenflow_ext.codebook_search(x[rows], semantic, pixel, l2_norm=l2_norm)
+            assert torch.equal(part, batch[rows])
 
 
 @pytest.mark.parametrize("device", DEVICES)
