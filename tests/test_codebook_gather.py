@@ -126,8 +126,10 @@ class TestBadInput:
     def test_mismatched_codebooks(self):
         with pytest.raises(RuntimeError, match="same number of rows"):
             tokenflow_ext.codebook_gather(torch.tensor([0]), self.semantic, self.pixel[:5])
+        # the raw op takes one dtype; the public wrapper promotes mixed codebooks first (issue 12, item 7)
         with pytest.raises(RuntimeError, match="pixel_codebook has dtype Half but semantic_codebook has dtype Float"):
-            tokenflow_ext.codebook_gather(torch.tensor([0]), self.semantic, self.pixel.half())
+            torch.ops.tokenflow_ext.codebook_gather(torch.tensor([0]), self.semantic, self.pixel.half(), True, False)
+        assert tokenflow_ext.codebook_gather(torch.tensor([0]), self.semantic, self.pixel.half()).dtype == torch.float32
 
     def test_one_dimensional_codebook(self):
         with pytest.raises(RuntimeError, match=r"semantic_codebook must be 2-D"):

@@ -281,10 +281,15 @@ class TestBadInput:
             self.search(self.x, self.semantic, self.pixel[:19])
 
     def test_codebook_dtype_mismatch(self):
+        # the raw op takes one dtype; the public wrapper promotes mixed dtypes first (issue 12, item 7)
+        raw = torch.ops.tokenflow_ext.codebook_search
         with pytest.raises(RuntimeError, match="pixel_codebook has dtype Double but semantic_codebook has dtype Float"):
-            self.search(self.x, self.semantic, self.pixel.double())
+            raw(self.x, self.semantic, self.pixel.double(), 1.0, True)
         with pytest.raises(RuntimeError, match="x has dtype Half but semantic_codebook has dtype Float"):
-            self.search(self.x.half(), self.semantic, self.pixel)
+            raw(self.x.half(), self.semantic, self.pixel, 1.0, True)
+        indices, distance = self.search(self.x, self.semantic, self.pixel.double())
+        assert distance.dtype == torch.float64
+        assert torch.equal(indices, self.search(self.x.double(), self.semantic.double(), self.pixel.double())[0])
 
     def test_codebook_on_another_device(self):
         with pytest.raises(RuntimeError, match="pixel_codebook is on meta but semantic_codebook is on cpu"):
@@ -328,3 +333,34 @@ def test_double_backward_min_distance(l2_norm):
     leaves = tuple(t.requires_grad_() for t in (x, semantic, pixel))
     assert torch.autograd.gradgradcheck(
         lambda a, s, p: tokenflow_ext.codebook_search(a, s, p, pixel_weight=0.5, l2_norm=l2_norm)[1], leaves)
+
+
+def autocast_case(device, dtype):
+    x, semantic, pixel = make_problem(50, 70, seed=61, device=device)
+    low = x.to(dtype)
+    with torch.autocast(device, dtype):
+        indices, distance = tokenflow_ext.codebook_search(low, semantic, pixel)
+        raw_indices, raw_distance = torch.ops.tokenflow_ext.codebook_search(low, semantic, pixel, 1.0, True)
+    expected, expected_distance = tokenflow_ext.codebook_search(low.float(), semantic, pixel)
+    assert torch.equal(indices, expected) and torch.equal(raw_indices, expected)
+    assert distance.dtype == raw_distance.dtype == torch.float32
+    torch.testing.assert_close(distance, expected_distance)
+    # mixed dtypes without autocast: computed in the promoted dtype, gradients in each input's dtype
+    leaves = [low.clone().requires_grad_(), semantic.clone().requires_grad_(), pixel.clone().requires_grad_()]
+    indices, distance = tokenflow_ext.codebook_search(*leaves)
+    assert torch.equal(indices, expected)
+    distance.sum().backward()
+    assert [t.grad.dtype for t in leaves] == [dtype, torch.float32, torch.float32]
+    codes = tokenflow_ext.codebook_gather(indices, semantic, pixel.to(dtype))
+    assert codes.dtype == torch.float32
+
+
+def test_autocast_and_mixed_dtypes_cpu():
+    """Issue 12 (7): bf16 (autocast) features with fp32 codebooks."""
+    autocast_case("cpu", torch.bfloat16)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_autocast_and_mixed_dtypes_cuda(dtype):
+    autocast_case("cuda", dtype)

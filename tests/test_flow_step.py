@@ -336,3 +336,17 @@ def test_double_backward():
     first = torch.autograd.grad(flow.matching_loss(v, x0, x1), v, create_graph=True)[0]
     second = torch.autograd.grad(first.sum(), v)[0]
     torch.testing.assert_close(second, torch.full_like(v, 2.0 / v.numel()))
+
+
+def test_matching_loss_under_autocast():
+    """Issue 12 (7): a bf16 prediction from an autocast region with fp32 latents (eager mse runs in fp32)."""
+    x0, x1, v = latents((2, 7, 4), seed=33)
+    layer = torch.nn.Linear(4, 4)
+    with torch.autocast("cpu", torch.bfloat16):
+        v_pred = layer(v)
+        assert v_pred.dtype == torch.bfloat16
+        loss = flow.matching_loss(v_pred, x0, x1)
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, matching_loss_reference(v_pred.float(), x0, x1, SIGMA))
+    loss.backward()
+    assert layer.weight.grad is not None

@@ -37,6 +37,19 @@ def check_same_device_dtype(op: str, tensors: dict) -> None:
             raise RuntimeError(f"{op}: {name} has dtype {t.dtype} but {ref_name} has dtype {ref.dtype}")
 
 
+def promote_floats(*tensors):
+    """Mixed float dtypes (fp16/bf16 features with fp32 codebooks, autocast outputs): every tensor cast to the
+    promoted dtype, as eager type promotion would compute. Left alone when one is not floating point (the op
+    then reports it) or when they already agree; None passes through."""
+    present = [t for t in tensors if t is not None]
+    if not all(t.is_floating_point() for t in present) or len({t.dtype for t in present}) <= 1:
+        return tensors
+    dtype = present[0].dtype
+    for t in present[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return tuple(None if t is None else t.to(dtype) for t in tensors)
+
+
 def float_arg(op: str, name: str, value) -> float:
     """``value`` as a Python float, or a TypeError naming the op and the argument.
 

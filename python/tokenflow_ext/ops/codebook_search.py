@@ -14,6 +14,7 @@ from .._parts import (
     normalize_parts,
     normalize_parts_backward,
     part_weights,
+    promote_floats,
 )
 
 _op = torch.ops.tokenflow_ext.codebook_search
@@ -37,7 +38,9 @@ def codebook_search(
 
     Args:
         x: ``(..., Ds + Dp)`` float32 / float16 / bfloat16 / float64, channel-last, any strides.
-        semantic_codebook: ``(K, Ds)``, same device and dtype as ``x``.
+        semantic_codebook: ``(K, Ds)``, same device as ``x``. Mixed float dtypes (e.g. bf16 ``x`` from an
+            autocast region with fp32 codebooks) are computed in their promoted dtype, as eager would; under
+            ``torch.autocast`` the op itself runs in float32 (float64 inputs stay float64).
         pixel_codebook: optional ``(K, Dp)``; without it the search runs on the semantic codebook alone.
         pixel_weight: ``w >= 0`` (TokenFlow's ``w_dis``; ignored without a pixel codebook).
         l2_norm: normalise each part of ``x`` and of the codebooks first.
@@ -52,6 +55,7 @@ def codebook_search(
     """
     pixel_weight = float_arg("tokenflow_ext.codebook_search", "pixel_weight", pixel_weight)
     l2_norm = bool_arg("tokenflow_ext.codebook_search", "l2_norm", l2_norm)
+    x, semantic_codebook, pixel_codebook = promote_floats(x, semantic_codebook, pixel_codebook)
     return _op(x, semantic_codebook, pixel_codebook, pixel_weight, l2_norm)
 
 
@@ -115,3 +119,7 @@ def _backward(ctx, grad_indices, grad_distance):
 
 
 torch.library.register_autograd("tokenflow_ext::codebook_search", _backward, setup_context=_setup_context)
+# Autocast: the search runs in float32 arithmetic anyway; casting low-precision inputs up lets autocast-region
+# features meet fp32 codebooks (as the official eager quantizer does), and the indices do not depend on it.
+for _device_type in ("cpu", "cuda"):
+    torch.library.register_autocast("tokenflow_ext::codebook_search", _device_type, torch.float32)

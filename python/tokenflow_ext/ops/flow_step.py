@@ -221,3 +221,8 @@ torch.library.register_autograd("tokenflow_ext::flow_interpolate", _interpolate_
 torch.library.register_autograd("tokenflow_ext::flow_matching_loss", _matching_loss_backward,
                                 setup_context=_matching_loss_setup)
 torch.library.register_autograd("tokenflow_ext::flow_euler_step", _euler_backward, setup_context=_euler_setup)
+
+# Autocast: the loss is computed in float32 anyway (as eager mse_loss is under autocast), so a bf16/fp16
+# prediction from an autocast region meets fp32 latents; the other flow ops keep their inputs' dtype.
+for _device_type in ("cpu", "cuda"):
+    torch.library.register_autocast("tokenflow_ext::flow_matching_loss", _device_type, torch.float32)
