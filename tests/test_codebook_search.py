@@ -234,6 +234,25 @@ def test_opcheck(device):
     torch.library.opcheck(torch.ops.tokenflow_ext.codebook_search.default, (*grads, 0.5, True), test_utils=utils)
 
 
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_aot_dispatch_with_grad_inputs(dynamic):
+    """Issue 12 (16): opcheck's test_aot_dispatch_{static,dynamic} with inputs that require grad, run by hand.
+
+    opcheck sums the op's outputs into an accumulator that starts as the int64 ``indices`` and then cannot take
+    the float ``min_distance`` (a harness limitation, before our op is involved). The same check on a wrapper
+    that lists ``min_distance`` first compares outputs and gradients of eager and AOT-autograd runs."""
+    from torch.testing._internal.optests.aot_autograd import aot_autograd_check
+
+    x, semantic, pixel = make_problem(20, 33, seed=29)
+    grads = tuple(t.clone().requires_grad_() for t in (x, semantic, pixel))
+
+    def distance_first(*args):
+        indices, distance = torch.ops.tokenflow_ext.codebook_search.default(*(t.clone() for t in args), 0.5, True)
+        return distance, indices
+
+    aot_autograd_check(distance_first, grads, {}, dynamic, check_gradients="auto")
+
+
 def test_torch_compile_fullgraph():
     x, semantic, pixel = make_problem(64, 128, seed=31)
 
