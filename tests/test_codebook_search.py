@@ -116,18 +116,21 @@ def test_non_contiguous_inputs(device):
     assert torch.equal(got_view[0].reshape(-1), expected[0])
 
 
-def test_ties_do_not_depend_on_the_batch():
+@pytest.mark.parametrize("device", DEVICES)
+def test_ties_do_not_depend_on_the_batch(device):
     """Issue 12 (4): bitwise-identical codes gave a higher index in a batch (BLAS rounding differs by column
-    position) than for the row alone. Near-ties are now re-ranked by exact distance, then by index."""
+    position) than for the row alone. The CPU re-ranks near-ties by exact distance, then by index; CUDA
+    computes every (row, code) score with one fixed FMA sequence."""
     g = torch.Generator().manual_seed(1)
     sem = torch.randn(7, 7, generator=g, dtype=torch.float64)
     sem[5] = sem[1]
     x = torch.randn(20, 7, generator=g, dtype=torch.float64)
+    sem, x = sem.to(device), x.to(device)
     batch, _ = tokenflow_ext.codebook_search(x, sem, l2_norm=False)
     alone = torch.stack([tokenflow_ext.codebook_search(x[r:r + 1], sem, l2_norm=False)[0][0] for r in range(20)])
     assert batch[4] == 1 and torch.equal(batch, alone) and not (batch == 5).any()
     # fp32, dual codebook, many copies spread over several GEMM tiles and thread splits
-    x, semantic, pixel = make_problem(300, 700, seed=5)
+    x, semantic, pixel = make_problem(300, 700, seed=5, device=device)
     semantic[650], pixel[650] = semantic[3], pixel[3]
     semantic[1300 // 2 + 1], pixel[1300 // 2 + 1] = semantic[3], pixel[3]
     for l2_norm in (True, False):

@@ -350,3 +350,19 @@ def test_matching_loss_under_autocast():
     torch.testing.assert_close(loss, matching_loss_reference(v_pred.float(), x0, x1, SIGMA))
     loss.backward()
     assert layer.weight.grad is not None
+
+
+def test_in_place_step_compiles_with_grad_inputs():
+    """Issue 12 (1): under torch.compile the in-place step records the velocity gradient as in eager."""
+    x, v_cond, v_uncond = latents((2, 3, 4), seed=35)
+    v_cond.requires_grad_()
+
+    def step(a, vc, vu):
+        y = a * 2
+        flow.euler_step_(y, vc, vu, dt=0.1, guidance_scale=2.0)
+        return (y * y).sum()
+
+    torch.compile(step, fullgraph=True)(x, v_cond, v_uncond).backward()
+    compiled_grad, v_cond.grad = v_cond.grad, None
+    step(x, v_cond, v_uncond).backward()
+    torch.testing.assert_close(compiled_grad, v_cond.grad)
