@@ -337,6 +337,9 @@ class TestBadInput:
         # issue 12 (5): 1e300 is inf in fp32 arithmetic; it used to give index 0 everywhere and inf distances
         with pytest.raises(RuntimeError, match=r"codebook_search: pixel_weight = 1e\+300 overflows the Float"):
             self.search(self.x, self.semantic, self.pixel, pixel_weight=1e300)
+        with pytest.raises(RuntimeError, match="pixel_weight = 1e\\+300 overflows"):  # the fake kernel too
+            torch.ops.tokenflow_ext.codebook_search(self.x.to("meta"), self.semantic.to("meta"),
+                                                    self.pixel.to("meta"), 1e300, True)
         x, semantic, pixel = (t.double() for t in (self.x, self.semantic, self.pixel))
         indices, distance = self.search(x, semantic, pixel, pixel_weight=1e300)  # fine in fp64
         assert torch.isfinite(distance).all()

@@ -366,3 +366,21 @@ def test_in_place_step_compiles_with_grad_inputs():
     compiled_grad, v_cond.grad = v_cond.grad, None
     step(x, v_cond, v_uncond).backward()
     torch.testing.assert_close(compiled_grad, v_cond.grad)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_in_place_step_checks_on_every_backend(device):
+    """Issue 12 (1, 2): the version bump, the aliasing checks and the in-place gradient on each backend."""
+    buf = torch.randn(61, device=device)
+    with pytest.raises(RuntimeError, match="flow_euler_step_: x partially overlaps v_cond"):
+        flow.euler_step_(buf[1:61].view(3, 5, 4), buf[:60].view(3, 5, 4), dt=0.1)
+    stacked = torch.randn(6, 5, 4, device=device)
+    expected = euler_step_reference(stacked[:3].clone(), stacked.clone(), dt=0.1, guidance_scale=2.0)
+    flow.euler_step_(stacked[:3], stacked, dt=0.1, guidance_scale=2.0)
+    torch.testing.assert_close(stacked[:3], expected)
+    assert stacked._version == 1
+    x = torch.randn(3, 5, 4, device=device)
+    v = torch.randn(3, 5, 4, device=device, requires_grad=True)
+    flow.euler_step_(x, v, dt=0.5)
+    x.sum().backward()
+    torch.testing.assert_close(v.grad, torch.full_like(v, 0.5))

@@ -71,8 +71,15 @@ def _codebook_search_fake(x, semantic_codebook, pixel_codebook, pixel_weight, l2
         lambda: f"tokenflow_ext.codebook_search: the last dim of x is {x.shape[-1]} but the codebooks need "
         f"{semantic_dim + pixel_dim}",
     )
+    acc = accumulate_dtype(x.dtype)
+    limit = torch.finfo(acc).max / 16  # C++: max_pixel_weight
+    torch._check(
+        pixel_weight <= limit,
+        lambda: f"tokenflow_ext.codebook_search: pixel_weight = {pixel_weight} overflows the {acc} arithmetic of "
+        f"these inputs; it must be <= {limit}",
+    )
     shape = x.shape[:-1]
-    return x.new_empty(shape, dtype=torch.int64), x.new_empty(shape, dtype=accumulate_dtype(x.dtype))
+    return x.new_empty(shape, dtype=torch.int64), x.new_empty(shape, dtype=acc)
 
 
 def _setup_context(ctx, inputs, output):
