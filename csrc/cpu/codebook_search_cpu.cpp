@@ -232,13 +232,13 @@ void run_tiled_search(const at::Tensor& x_unit, const at::Tensor& codes_weighted
           }
         }
         indices[n] = best_k;
-        split_score[n] = best;  // the merged best score, read by rerank_near_ties
         for (int64_t s = 0; s < k_splits && !(best != best); ++s) {
           const int64_t k = split_index[s * p.N + n];
           if (k != best_k && split_score[s * p.N + n] <= best + p.margin[n]) {
             ties.push_back({n, split_score[s * p.N + n], k});
           }
         }
+        split_score[n] = best;  // the merged best score, read by rerank_near_ties
       }
       if (!ties.empty()) {
         rerank_near_ties<scalar_t, acc_t>(ties, split_score.data(), p.margin, x_ptr, semantic, pixel, Ds, Dp, l2_norm,

@@ -46,7 +46,11 @@ def codebook_search(
         l2_norm: normalise each part of ``x`` and of the codebooks first.
 
     Returns:
-        ``indices`` int64 ``(...)``: ``argmin_k d``, the lowest ``k`` on ties (as ``torch.argmin``).
+        ``indices`` int64 ``(...)``: ``argmin_k d``, the lowest ``k`` on ties (as ``torch.argmin``), whatever
+        the batch. CPU: codes whose GEMM scores lie within a rounding margin of the best are re-ranked by
+        their exact distance (from differences), then by index. CUDA: each (row, code) score comes from one
+        fixed FMA sequence, so bitwise-identical codes tie exactly; codes closer than fp32 rounding may
+        resolve differently from the CPU.
         ``min_distance`` ``(...)``: ``d(n, indices(n))`` computed directly from the differences, float32
         (float64 for float64 inputs). It is differentiable w.r.t. ``x`` and both codebooks.
 
