@@ -249,15 +249,19 @@ def test_d_norm_logging_values_follow_the_model_dtype():
 
 
 @pytest.mark.parametrize("training", [False, True])
-def test_autocast_and_mixed_dtypes(training):
-    """Issue 12 (7): bf16 features from an autocast region (or fp16 z) meet fp32 codebooks, as in eager."""
-    q = small_quantizer(size=64, entropy_loss_ratio=0.1).train(training)
-    conv = torch.nn.Conv2d(40, 40, 1)
+@pytest.mark.parametrize("device, dtype", [("cpu", torch.bfloat16),
+                                           pytest.param("cuda", torch.float16, marks=pytest.mark.cuda),
+                                           pytest.param("cuda", torch.bfloat16, marks=pytest.mark.cuda)])
+def test_autocast_and_mixed_dtypes(training, device, dtype):
+    """Issue 12 (7): low-precision features from an autocast region (or fp16 z) meet fp32 codebooks, as in
+    the official eager module."""
+    q = small_quantizer(size=64, entropy_loss_ratio=0.1).train(training).to(device)
+    conv = torch.nn.Conv2d(40, 40, 1).to(device)
     torch.manual_seed(5)
-    z = torch.randn(2, 40, 4, 4)
-    with torch.autocast("cpu", torch.bfloat16):
+    z = torch.randn(2, 40, 4, 4, device=device)
+    with torch.autocast(device, dtype):
         features = conv(z)
-        assert features.dtype == torch.bfloat16
+        assert features.dtype == dtype
         z_q, losses, (_, _, indices) = q(features)
         ref_q, _, ref_indices = official_quantizer_forward(features, q.embedding_vqkd.weight,
                                                            q.embedding_vqgan.weight)
