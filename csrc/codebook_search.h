@@ -25,10 +25,10 @@ inline SearchCall begin_codebook_search(const at::Tensor& x, const at::Tensor& s
                                         const std::optional<at::Tensor>& pixel_codebook, double pixel_weight) {
   SearchCall call;
   call.books = check_codebooks(kSearchOp, semantic_codebook, pixel_codebook);
-  check_pixel_weight(kSearchOp, pixel_weight);
   call.rows = check_and_flatten_rows(kSearchOp, x, call.books);
   call.N = call.rows.size(0);
   call.acc_type = accumulate_type_for(x.scalar_type());
+  check_pixel_weight(kSearchOp, pixel_weight, call.acc_type);
   const auto out_shape = x.sizes().slice(0, x.dim() - 1);
   call.indices = at::empty(out_shape, x.options().dtype(at::kLong));
   call.min_distance = at::empty(out_shape, x.options().dtype(call.acc_type));

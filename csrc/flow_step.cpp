@@ -21,3 +21,51 @@ TORCH_LIBRARY_FRAGMENT(tokenflow_ext, m) {
   m.def("flow_euler_step(Tensor x, Tensor v_cond, Tensor? v_uncond, float dt, float guidance_scale) -> Tensor");
   m.def("flow_euler_step_(Tensor(a!) x, Tensor v_cond, Tensor? v_uncond, float dt, float guidance_scale) -> ()");
 }
+
+// ---- autograd of the in-place Euler step (shared by every backend) ----
+// The step is a mutating op, so it behaves as eager in-place ops do: with grad mode on and any input
+// requiring grad it runs as `x.copy_(flow_euler_step(x, ...))`, which records the gradient of every input
+// and gives the errors of eager in-place ops (leaf that requires grad, inference tensor, saved tensor
+// modified). Otherwise it runs the backend kernel below autograd and bumps x's version counter.
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/InferenceMode.h>
+
+#include <optional>
+
+namespace tokenflow_ext {
+namespace {
+
+void flow_euler_step_inplace_autograd(at::Tensor& x, const at::Tensor& v_cond,
+                                      const std::optional<at::Tensor>& v_uncond, double dt, double guidance_scale) {
+  static const auto functional =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("tokenflow_ext::flow_euler_step", "")
+          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, double, double)>();
+  static const auto in_place =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("tokenflow_ext::flow_euler_step_", "")
+          .typed<void(at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, double, double)>();
+  constexpr const char* op = "tokenflow_ext.flow_euler_step_";
+  TORCH_CHECK(x.defined(), op, ": x is undefined");
+  TORCH_CHECK(!x.is_inference() || c10::InferenceMode::is_enabled(), op,
+              ": x is an inference tensor; an in-place update of an inference tensor outside InferenceMode is "
+              "not allowed (clone() it first)");
+  const bool uncond_grad = v_uncond.has_value() && v_uncond->defined() && v_uncond->requires_grad();
+  if (at::GradMode::is_enabled() && (x.requires_grad() || v_cond.requires_grad() || uncond_grad)) {
+    const at::Tensor out = functional.call(x, v_cond, v_uncond, dt, guidance_scale);
+    x.copy_(out);
+    return;
+  }
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    in_place.call(x, v_cond, v_uncond, dt, guidance_scale);
+  }
+  x.unsafeGetTensorImpl()->bump_version();
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(tokenflow_ext, Autograd, m) { m.impl("flow_euler_step_", &flow_euler_step_inplace_autograd); }
+
+}  // namespace tokenflow_ext

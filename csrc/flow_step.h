@@ -2,6 +2,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 
 #include <cmath>
 #include <optional>
@@ -202,12 +203,35 @@ at::Tensor flow_euler_step_entry(const at::Tensor& x, const at::Tensor& v_cond,
   return out;
 }
 
+// The in-place step writes x while it reads v_cond and v_uncond element by element: x may be exactly one of the
+// velocities (same memory, same strides: each element is read before it is written), or share no memory with
+// them; a partial overlap (x = v[1:4], a shifted view of one buffer) would read already-updated elements.
+inline void check_euler_inplace_aliasing(const char* op, const at::Tensor& x, const EulerCall& call,
+                                         const at::Tensor& v_cond, const std::optional<at::Tensor>& v_uncond) {
+  TORCH_CHECK(at::has_internal_overlap(x) != at::MemOverlap::Yes, op,
+              ": x has elements that share one memory location (an expanded tensor?); clone() it before ",
+              "updating it in place");
+  const int64_t B = call.batch.B;
+  const auto check_region = [&](const char* name, const at::Tensor& read) {
+    TORCH_CHECK(at::get_overlap_status(x, read) != at::MemOverlapStatus::Partial, op, ": x partially overlaps ",
+                name, " in memory (e.g. x = v[1:4]); pass x exactly aliased to it or clone() one of them");
+  };
+  if (call.stacked) {
+    check_region("the conditional half of the stacked v_cond", v_cond.narrow(0, 0, B));
+    check_region("the unconditional half of the stacked v_cond", v_cond.narrow(0, B, B));
+  } else {
+    check_region("v_cond", v_cond);
+    if (call.guided) check_region("v_uncond", *v_uncond);
+  }
+}
+
 // In place: a non-contiguous x is computed into a contiguous buffer and copied back through its strides.
 template <typename Run>
 void flow_euler_step_inplace_entry(at::Tensor& x, const at::Tensor& v_cond, const std::optional<at::Tensor>& v_uncond,
                                    double dt, double guidance_scale, const Run& run) {
-  const EulerCall call =
-      begin_flow_euler_step("tokenflow_ext.flow_euler_step_", x, v_cond, v_uncond, dt, guidance_scale);
+  constexpr const char* op = "tokenflow_ext.flow_euler_step_";
+  const EulerCall call = begin_flow_euler_step(op, x, v_cond, v_uncond, dt, guidance_scale);
+  check_euler_inplace_aliasing(op, x, call, v_cond, v_uncond);
   if (x.is_contiguous()) {
     run(call, dt, guidance_scale, x);
     return;

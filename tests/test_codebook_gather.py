@@ -126,8 +126,10 @@ class TestBadInput:
     def test_mismatched_codebooks(self):
         with pytest.raises(RuntimeError, match="same number of rows"):
             tokenflow_ext.codebook_gather(torch.tensor([0]), self.semantic, self.pixel[:5])
+        # the raw op takes one dtype; the public wrapper promotes mixed codebooks first (issue 12, item 7)
         with pytest.raises(RuntimeError, match="pixel_codebook has dtype Half but semantic_codebook has dtype Float"):
-            tokenflow_ext.codebook_gather(torch.tensor([0]), self.semantic, self.pixel.half())
+            torch.ops.tokenflow_ext.codebook_gather(torch.tensor([0]), self.semantic, self.pixel.half(), True, False)
+        assert tokenflow_ext.codebook_gather(torch.tensor([0]), self.semantic, self.pixel.half()).dtype == torch.float32
 
     def test_one_dimensional_codebook(self):
         with pytest.raises(RuntimeError, match=r"semantic_codebook must be 2-D"):
@@ -137,3 +139,13 @@ class TestBadInput:
         with pytest.raises(RuntimeError, match=r"grad_rows must have shape indices.shape \+ \(40,\)"):
             torch.ops.tokenflow_ext.codebook_gather_backward(torch.zeros(3, 39), torch.tensor([0, 1, 2]),
                                                              self.semantic, self.pixel, True, True)
+
+
+@pytest.mark.parametrize("l2_norm", [True, False])
+def test_double_backward(l2_norm):
+    """Issue 12 (3): gradgradcheck used to see a zero Jacobian (the backward op had no autograd)."""
+    _, semantic, pixel = make_problem(1, 9, 6, 3, dtype=torch.float64, seed=41)
+    indices = torch.tensor([0, 3, 3, 8, 5, 0, 1])
+    leaves = (semantic.requires_grad_(), pixel.requires_grad_())
+    assert torch.autograd.gradgradcheck(
+        lambda s, p: tokenflow_ext.codebook_gather(indices, s, p, l2_norm=l2_norm), leaves)

@@ -253,3 +253,134 @@ class TestBadInput:
     def test_zero_dim(self):
         with pytest.raises(RuntimeError, match="must have a batch dim"):
             flow.euler_step(torch.tensor(1.0), torch.tensor(1.0), dt=0.1)
+
+
+class TestEulerStepInPlaceIsAMutatingOp:
+    """Issue 12 (1, 2): the in-place step bumps the version, records autograd, and rejects partial aliasing."""
+
+    def setup_method(self):
+        self.v_cond, self.v_uncond, self.x = latents((3, 5, 4), seed=12)
+
+    def test_version_bump_catches_a_modified_saved_tensor(self):
+        a = self.x.clone().requires_grad_()
+        y = a.exp()  # exp saves its result for the backward
+        flow.euler_step_(y, self.v_cond, self.v_uncond, dt=0.1, guidance_scale=2.0)
+        assert y._version == 1
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            y.sum().backward()
+        plain = self.x.clone()
+        flow.euler_step_(plain, self.v_cond, dt=0.1)
+        assert plain._version == 1
+
+    def test_gradients_flow_through_the_in_place_step(self):
+        leaves = [t.clone().requires_grad_() for t in (self.x, self.v_cond, self.v_uncond)]
+        eager = [t.clone().requires_grad_() for t in (self.x, self.v_cond, self.v_uncond)]
+        y = leaves[0] * 1.5
+        flow.euler_step_(y, leaves[1], leaves[2], dt=0.1, guidance_scale=2.0)
+        (y * y).sum().backward()
+        y_ref = euler_step_reference(eager[0] * 1.5, eager[1], eager[2], dt=0.1, guidance_scale=2.0)
+        (y_ref * y_ref).sum().backward()
+        for ours, ref in zip(leaves, eager):
+            torch.testing.assert_close(ours.grad, ref.grad)
+        # x that needs no grad, v_cond that does (the gradient used to be dropped)
+        x = self.x.clone()
+        v = self.v_cond.clone().requires_grad_()
+        flow.euler_step_(x, v, dt=0.25)
+        assert x.requires_grad
+        x.sum().backward()
+        torch.testing.assert_close(v.grad, torch.full_like(v, 0.25))
+
+    def test_eager_in_place_errors(self):
+        leaf = self.x.clone().requires_grad_()
+        with pytest.raises(RuntimeError, match="leaf Variable that requires grad"):
+            flow.euler_step_(leaf, self.v_cond, dt=0.1)
+        with torch.no_grad():  # as leaf.add_(...) under no_grad
+            flow.euler_step_(leaf, self.v_cond, dt=0.1)
+        with torch.inference_mode():
+            inference = self.x.clone()
+            flow.euler_step_(inference, self.v_cond, dt=0.1)  # fine inside inference mode
+        with pytest.raises(RuntimeError, match="flow_euler_step_: x is an inference tensor"):
+            flow.euler_step_(inference, self.v_cond, dt=0.1)
+
+    def test_partial_overlap_is_rejected(self):
+        buf = torch.randn(61)
+        with pytest.raises(RuntimeError, match="flow_euler_step_: x partially overlaps v_cond"):
+            flow.euler_step_(buf[1:61].view(3, 5, 4), buf[:60].view(3, 5, 4), dt=0.1)
+        stacked = torch.randn(6, 5, 4)
+        with pytest.raises(RuntimeError, match="partially overlaps the (un)?conditional half"):
+            flow.euler_step_(stacked[1:4], stacked, dt=0.1, guidance_scale=2.0)
+        with pytest.raises(RuntimeError, match="partially overlaps v_uncond"):
+            flow.euler_step_(buf[1:61].view(3, 5, 4), self.v_cond, buf[:60].view(3, 5, 4), dt=0.1, guidance_scale=2.0)
+        with pytest.raises(RuntimeError, match="flow_euler_step_: x has elements that share one memory location"):
+            flow.euler_step_(torch.zeros(1, 1, 1).expand(3, 5, 4), self.v_cond, dt=0.1)
+
+    def test_exact_aliasing_stays_supported(self):
+        x = self.x.clone()
+        expected = euler_step_reference(x.clone(), x.clone(), dt=0.1)
+        flow.euler_step_(x, x, dt=0.1)
+        torch.testing.assert_close(x, expected)
+        stacked = torch.randn(6, 5, 4)
+        expected = euler_step_reference(stacked[:3].clone(), stacked.clone(), dt=0.1, guidance_scale=2.0)
+        flow.euler_step_(stacked[:3], stacked, dt=0.1, guidance_scale=2.0)
+        torch.testing.assert_close(stacked[:3], expected)
+
+
+def test_double_backward():
+    """Issue 12 (3): the backward of interpolate and matching_loss is differentiable (create_graph=True)."""
+    g = torch.Generator().manual_seed(31)
+    x0, x1, v = (torch.randn(3, 4, 5, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    t = torch.rand(3, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda a, b, tt: flow.interpolate(a, b, tt, 0.1), (x0, x1, t))
+    assert torch.autograd.gradgradcheck(lambda p, a, b: flow.matching_loss(p, a, b, 0.1, "none"), (v, x0, x1))
+    # d/dv sum(d loss / dv) for loss = mean_b mean_i (v - target)^2 is 2 / (B M) per element
+    first = torch.autograd.grad(flow.matching_loss(v, x0, x1), v, create_graph=True)[0]
+    second = torch.autograd.grad(first.sum(), v)[0]
+    torch.testing.assert_close(second, torch.full_like(v, 2.0 / v.numel()))
+
+
+def test_matching_loss_under_autocast():
+    """Issue 12 (7): a bf16 prediction from an autocast region with fp32 latents (eager mse runs in fp32)."""
+    x0, x1, v = latents((2, 7, 4), seed=33)
+    layer = torch.nn.Linear(4, 4)
+    with torch.autocast("cpu", torch.bfloat16):
+        v_pred = layer(v)
+        assert v_pred.dtype == torch.bfloat16
+        loss = flow.matching_loss(v_pred, x0, x1)
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, matching_loss_reference(v_pred.float(), x0, x1, SIGMA))
+    loss.backward()
+    assert layer.weight.grad is not None
+
+
+def test_in_place_step_compiles_with_grad_inputs():
+    """Issue 12 (1): under torch.compile the in-place step records the velocity gradient as in eager."""
+    x, v_cond, v_uncond = latents((2, 3, 4), seed=35)
+    v_cond.requires_grad_()
+
+    def step(a, vc, vu):
+        y = a * 2
+        flow.euler_step_(y, vc, vu, dt=0.1, guidance_scale=2.0)
+        return (y * y).sum()
+
+    torch.compile(step, fullgraph=True)(x, v_cond, v_uncond).backward()
+    compiled_grad, v_cond.grad = v_cond.grad, None
+    step(x, v_cond, v_uncond).backward()
+    torch.testing.assert_close(compiled_grad, v_cond.grad)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_in_place_step_checks_on_every_backend(device):
+    """Issue 12 (1, 2): the version bump, the aliasing checks and the in-place gradient on each backend."""
+    buf = torch.randn(61, device=device)
+    with pytest.raises(RuntimeError, match="flow_euler_step_: x partially overlaps v_cond"):
+        flow.euler_step_(buf[1:61].view(3, 5, 4), buf[:60].view(3, 5, 4), dt=0.1)
+    stacked = torch.randn(6, 5, 4, device=device)
+    expected = euler_step_reference(stacked[:3].clone(), stacked.clone(), dt=0.1, guidance_scale=2.0)
+    flow.euler_step_(stacked[:3], stacked, dt=0.1, guidance_scale=2.0)
+    torch.testing.assert_close(stacked[:3], expected)
+    assert stacked._version == 1
+    x = torch.randn(3, 5, 4, device=device)
+    v = torch.randn(3, 5, 4, device=device, requires_grad=True)
+    flow.euler_step_(x, v, dt=0.5)
+    x.sum().backward()
+    torch.testing.assert_close(v.grad, torch.full_like(v, 0.5))

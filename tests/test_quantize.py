@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -116,3 +117,47 @@ def test_official_parity_fixture():
     res = tokenflow_ext.quantize(z.permute(0, 2, 3, 1), *books)
     assert res.indices.reshape(-1)[:8].tolist() == [2755, 3485, 24588, 13797, 31719, 30217, 4913, 20538]
     assert res.indices.shape == (2, 4, 4)  # row-major (b, h, w), as the official flattening
+
+
+class TestArgumentTypes:
+    """Issue 12 (12): non-float weights and non-bool switches are refused with the op and argument named."""
+
+    def setup_method(self):
+        self.x, self.semantic, self.pixel = make_problem(6, 9, seed=77)
+
+    def test_pixel_weight_tensor_that_requires_grad(self):
+        weight = torch.tensor(0.5, requires_grad=True)
+        with pytest.raises(TypeError, match="codebook_search: pixel_weight must be a Python float, got a Tensor "
+                                            "that requires grad"):
+            tokenflow_ext.codebook_search(self.x, self.semantic, self.pixel, pixel_weight=weight)
+        with pytest.raises(TypeError, match="quantize: pixel_weight must be a Python float"):
+            tokenflow_ext.quantize(self.x, self.semantic, self.pixel, pixel_weight=weight)
+        with pytest.raises(TypeError, match="codebook_search: pixel_weight must be a float, got str"):
+            tokenflow_ext.codebook_search(self.x, self.semantic, self.pixel, pixel_weight="1")
+
+    def test_l2_norm_must_be_a_bool(self):
+        with pytest.raises(TypeError, match="codebook_search: l2_norm must be a bool, got str 'no'"):
+            tokenflow_ext.codebook_search(self.x, self.semantic, self.pixel, l2_norm="no")
+        with pytest.raises(TypeError, match="codebook_gather: l2_norm must be a bool"):
+            tokenflow_ext.codebook_gather(torch.zeros(2, dtype=torch.long), self.semantic, self.pixel, l2_norm="no")
+        with pytest.raises(TypeError, match="codebook_gather: deterministic must be a bool"):
+            tokenflow_ext.codebook_gather(torch.zeros(2, dtype=torch.long), self.semantic, deterministic=1)
+        with pytest.raises(TypeError, match="quantize: l2_norm must be a bool"):
+            tokenflow_ext.quantize(self.x, self.semantic, self.pixel, l2_norm=0)
+
+    def test_modules_and_flow_ops(self):
+        from tokenflow_ext import flow
+        from tokenflow_ext.nn import DualCodebookQuantizer
+
+        with pytest.raises(TypeError, match="DualCodebookQuantizer: l2_norm must be a bool"):
+            DualCodebookQuantizer(16, 4, 2, l2_norm="no")
+        with pytest.raises(TypeError, match="DualCodebookQuantizer: pixel_weight must be a Python float"):
+            DualCodebookQuantizer(16, 4, 2, pixel_weight=torch.tensor(1.0, requires_grad=True))
+        x = torch.randn(2, 3)
+        with pytest.raises(TypeError, match="flow.euler_step: dt must be a Python float"):
+            flow.euler_step(x, x, dt=torch.tensor(0.1, requires_grad=True))
+        with pytest.raises(TypeError, match="flow.matching_loss: sigma_min must be a float"):
+            flow.matching_loss(x, x, x, sigma_min=None)
+        # plain numbers of any kind still work
+        tokenflow_ext.codebook_search(self.x, self.semantic, self.pixel, pixel_weight=1, l2_norm=np.bool_(True))
+        flow.euler_step(x, x, dt=np.float32(0.1))

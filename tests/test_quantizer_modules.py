@@ -234,3 +234,49 @@ def test_distributed_ranks_keep_identical_codebooks(tmp_path):
     single = train_quantizer([torch.cat(pair) for pair in zip(make_batches(0), make_batches(1))])
     torch.testing.assert_close(ranks[0]["semantic"], single[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(ranks[0]["pixel"], single[1], atol=1e-5, rtol=1e-5)
+
+
+def test_d_norm_logging_values_follow_the_model_dtype():
+    """Issue 12 (6): the official d_norm values have the dtype of its N x K formula (z with the codebooks)."""
+    q = small_quantizer(size=64, pixel_weight=1.0).double()
+    z = torch.randn(2, 40, 3, 3, dtype=torch.float64)
+    _, losses, _ = q(z)
+    _, ref_losses, _ = official_quantizer_forward(z, q.embedding_vqkd.weight, q.embedding_vqgan.weight)
+    assert losses[4].dtype == losses[5].dtype == ref_losses[3].dtype == torch.float64
+    q16 = small_quantizer(size=64).to(torch.bfloat16)
+    _, losses, _ = q16(torch.randn(2, 40, 3, 3, dtype=torch.bfloat16))
+    assert losses[4].dtype == losses[5].dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize("device, dtype", [("cpu", torch.bfloat16),
+                                           pytest.param("cuda", torch.float16, marks=pytest.mark.cuda),
+                                           pytest.param("cuda", torch.bfloat16, marks=pytest.mark.cuda)])
+def test_autocast_and_mixed_dtypes(training, device, dtype):
+    """Issue 12 (7): low-precision features from an autocast region (or fp16 z) meet fp32 codebooks, as in
+    the official eager module."""
+    q = small_quantizer(size=64, entropy_loss_ratio=0.1).train(training).to(device)
+    conv = torch.nn.Conv2d(40, 40, 1).to(device)
+    torch.manual_seed(5)
+    z = torch.randn(2, 40, 4, 4, device=device)
+    with torch.autocast(device, dtype):
+        features = conv(z)
+        assert features.dtype == dtype
+        z_q, losses, (_, _, indices) = q(features)
+        ref_q, _, ref_indices = official_quantizer_forward(features, q.embedding_vqkd.weight,
+                                                           q.embedding_vqgan.weight)
+    # the fp32 search of the (exact) bf16 features agrees with the eager formula outside its bf16 einsum
+    expected = official_quantizer_forward(features.float(), q.embedding_vqkd.weight.detach(),
+                                          q.embedding_vqgan.weight.detach())[2]
+    assert torch.equal(indices, expected)
+    assert (indices == ref_indices).double().mean() >= 0.9  # the official one rounds its distances to bf16
+    assert z_q.dtype == ref_q.dtype == torch.float32
+    if training:
+        (z_q.sum() + losses[0] + losses[1] + losses[2]).backward()
+        assert conv.weight.grad is not None and q.embedding_vqkd.weight.grad is not None
+    # fp16 z with fp32 codebooks, no autocast
+    half = z.half()
+    z_q, _, (_, _, indices) = q(half)
+    expected = official_quantizer_forward(half.float(), q.embedding_vqkd.weight.detach(),
+                                          q.embedding_vqgan.weight.detach())[2]
+    assert torch.equal(indices, expected) and z_q.dtype == torch.float32

@@ -3,6 +3,8 @@
 
 #include <ATen/ATen.h>
 
+#include <cmath>
+#include <limits>
 #include <optional>
 #include <string>
 
@@ -77,9 +79,25 @@ inline CodebookPair check_codebooks(const char* op, const at::Tensor& semantic,
   return books;
 }
 
-inline void check_pixel_weight(const char* op, double pixel_weight) {
+// Accumulation type: fp32 for fp32/fp16/bf16 inputs, fp64 for fp64 (so gradcheck sees fp64 arithmetic).
+inline at::ScalarType accumulate_type_for(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// The largest pixel_weight the accumulate type carries through a search: w * (||x_p|| + ||c_p||)^2 must stay
+// finite for unit parts (at most 4 w), with headroom for the 2 x.c term, so w <= max / 16.
+inline double max_pixel_weight(at::ScalarType acc_type) {
+  return (acc_type == at::kDouble ? std::numeric_limits<double>::max()
+                                  : static_cast<double>(std::numeric_limits<float>::max())) / 16.0;
+}
+
+// acc_type: the arithmetic type of the call (accumulate_type_for of the inputs' dtype).
+inline void check_pixel_weight(const char* op, double pixel_weight, at::ScalarType acc_type) {
   TORCH_CHECK(std::isfinite(pixel_weight) && pixel_weight >= 0.0, op,
               ": pixel_weight must be finite and >= 0, got ", pixel_weight);
+  const double limit = max_pixel_weight(acc_type);
+  TORCH_CHECK(pixel_weight <= limit, op, ": pixel_weight = ", pixel_weight, " overflows the ", acc_type,
+              " arithmetic of these inputs; it must be <= ", limit);
 }
 
 // x (..., Ds + Dp) → contiguous (N, D) view; checks dtype/device against the codebooks.
@@ -100,11 +118,6 @@ inline at::Tensor check_indices(const char* op, const at::Tensor& indices, const
   TORCH_CHECK(indices.device() == codebook.device(), op, ": indices is on ", indices.device(),
               " but the codebooks are on ", codebook.device());
   return indices.reshape({-1}).to(at::kLong).contiguous();
-}
-
-// Accumulation type: fp32 for fp32/fp16/bf16 inputs, fp64 for fp64 (so gradcheck sees fp64 arithmetic).
-inline at::ScalarType accumulate_type_for(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
 }
 
 }  // namespace tokenflow_ext

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import numbers
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -34,6 +37,40 @@ def check_same_device_dtype(op: str, tensors: dict) -> None:
             raise RuntimeError(f"{op}: {name} has dtype {t.dtype} but {ref_name} has dtype {ref.dtype}")
 
 
+def promote_floats(*tensors):
+    """Mixed float dtypes (fp16/bf16 features with fp32 codebooks, autocast outputs): every tensor cast to the
+    promoted dtype, as eager type promotion would compute. Left alone when one is not floating point (the op
+    then reports it) or when they already agree; None passes through."""
+    present = [t for t in tensors if t is not None]
+    if not all(t.is_floating_point() for t in present) or len({t.dtype for t in present}) <= 1:
+        return tensors
+    dtype = present[0].dtype
+    for t in present[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return tuple(None if t is None else t.to(dtype) for t in tensors)
+
+
+def float_arg(op: str, name: str, value) -> float:
+    """``value`` as a Python float, or a TypeError naming the op and the argument.
+
+    A tensor is refused (``float(tensor)`` would silently drop its gradient and synchronise a GPU); so are
+    bools and non-numbers.
+    """
+    if isinstance(value, torch.Tensor):
+        why = " that requires grad (the op is not differentiable in it)" if value.requires_grad else ""
+        raise TypeError(f"{op}: {name} must be a Python float, got a Tensor{why}; pass a float")
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (numbers.Real, torch.SymFloat, torch.SymInt)):
+        raise TypeError(f"{op}: {name} must be a float, got {type(value).__name__} {value!r}")
+    return float(value) if isinstance(value, numbers.Real) else value
+
+
+def bool_arg(op: str, name: str, value) -> bool:
+    """``value`` as a Python bool (``bool`` or ``numpy.bool_`` only), or a TypeError naming the op and argument."""
+    if not isinstance(value, (bool, np.bool_, torch.SymBool)):
+        raise TypeError(f"{op}: {name} must be a bool, got {type(value).__name__} {value!r}")
+    return bool(value) if isinstance(value, (bool, np.bool_)) else value
+
+
 def normalize_parts(x: torch.Tensor, semantic_dim: int) -> torch.Tensor:
     """x (..., Ds + Dp) with each part divided by max(||part||, 1e-12), as F.normalize does."""
     if semantic_dim == x.shape[-1]:
@@ -58,6 +95,27 @@ def normalize_parts_backward(x: torch.Tensor, grad: torch.Tensor, semantic_dim: 
     widths = [semantic_dim, x.shape[-1] - semantic_dim]
     parts = zip(x.split(widths, dim=-1), grad.split(widths, dim=-1))
     return torch.cat([_normalize_backward(v, g) for v, g in parts], dim=-1)
+
+
+def gather_backward_composite(grad_rows: torch.Tensor, indices: torch.Tensor, semantic_codebook: torch.Tensor,
+                              pixel_codebook: torch.Tensor | None, l2_norm: bool):
+    """codebook_gather_backward in differentiable torch ops (used for double backward): ``(grad_semantic,
+    grad_pixel or None)``, a scatter-add by index (in the accumulate dtype), then back through the
+    normalisation."""
+    flat = indices.reshape(-1).long()
+    grads = grad_rows.reshape(flat.numel(), -1)
+    acc = accumulate_dtype(semantic_codebook.dtype)
+    semantic_dim = semantic_codebook.shape[-1]
+
+    def part(book, grad_part):
+        summed = torch.zeros(book.shape, dtype=acc, device=book.device).index_add(0, flat, grad_part.to(acc))
+        if l2_norm:
+            summed = _normalize_backward(book.to(acc), summed)
+        return summed.to(book.dtype)
+
+    grad_semantic = part(semantic_codebook, grads[:, :semantic_dim])
+    grad_pixel = None if pixel_codebook is None else part(pixel_codebook, grads[:, semantic_dim:])
+    return grad_semantic, grad_pixel
 
 
 def part_weights(semantic_dim: int, pixel_dim: int, pixel_weight: float, like: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,7 @@ from typing import NamedTuple
 
 import torch
 
-from ._parts import normalize_parts
+from ._parts import bool_arg, float_arg, normalize_parts
 from .ops.codebook_gather import codebook_gather
 from .ops.codebook_search import codebook_search
 
@@ -45,6 +45,8 @@ def quantize(
     ``((res.codes - x_hat.detach()) ** 2).mean()`` and ``((res.codes.detach() - x_hat) ** 2).mean()``.
     See :func:`tokenflow_ext.codebook_search` and :func:`tokenflow_ext.codebook_gather` for the arguments.
     """
+    pixel_weight = float_arg("tokenflow_ext.quantize", "pixel_weight", pixel_weight)
+    l2_norm = bool_arg("tokenflow_ext.quantize", "l2_norm", l2_norm)
     indices, distances = codebook_search(
         x, semantic_codebook, pixel_codebook, pixel_weight=pixel_weight, l2_norm=l2_norm
     )

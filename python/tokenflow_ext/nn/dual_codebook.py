@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._parts import normalize_parts
+from .._parts import bool_arg, float_arg, normalize_parts, promote_floats
 from ..ops.codebook_gather import codebook_gather
 from ..ops.codebook_search import codebook_search
 from ._stats import entropy_loss, mean_squared_distance_sum
@@ -52,6 +52,8 @@ class DualCodebookQuantizer(nn.Module):
                  deterministic: bool | None = None, kmeans_init: bool = False, kmeans_iters: int = 10,
                  ema: bool = False, ema_decay: float = 0.99):
         super().__init__()
+        pixel_weight = float_arg("DualCodebookQuantizer", "pixel_weight", pixel_weight)
+        l2_norm = bool_arg("DualCodebookQuantizer", "l2_norm", l2_norm)
         if codebook_size < 1 or semantic_dim < 1 or pixel_dim < 1:
             raise ValueError("DualCodebookQuantizer: codebook_size, semantic_dim and pixel_dim must be >= 1")
         if pixel_weight < 0:
@@ -119,8 +121,10 @@ class DualCodebookQuantizer(nn.Module):
 
         z_flat = z_hat.detach().reshape(-1, self.e_dim)
         unit_semantic, unit_pixel = self._unit_codebooks()  # with grad: the entropy loss below reuses them
-        d_norm_semantic = mean_squared_distance_sum(z_flat[:, :self.split[0]], unit_semantic.detach())
-        d_norm_pixel = mean_squared_distance_sum(z_flat[:, self.split[0]:], unit_pixel.detach())
+        # logged in the dtype the official N x K formula has: that of z and the codebooks together
+        log_dtype = torch.promote_types(z.dtype, semantic.dtype)
+        d_norm_semantic = mean_squared_distance_sum(z_flat[:, :self.split[0]], unit_semantic.detach()).to(log_dtype)
+        d_norm_pixel = mean_squared_distance_sum(z_flat[:, self.split[0]:], unit_pixel.detach()).to(log_dtype)
 
         vq_loss = commit_loss = entropy = None
         usage = 0
@@ -137,9 +141,10 @@ class DualCodebookQuantizer(nn.Module):
                 commit_loss = self.beta * torch.mean((codes.detach() - z_hat) ** 2)
             entropy = z.new_zeros((), dtype=torch.float32)
             if self.entropy_loss_ratio > 0:
-                flat = z_hat.reshape(-1, self.e_dim)
+                # mixed dtypes (fp16 z, fp32 codebooks) meet in their promoted dtype, as in the search
+                flat, books_s, books_p = promote_floats(z_hat.reshape(-1, self.e_dim), unit_semantic, unit_pixel)
                 entropy = self.entropy_loss_ratio * entropy_loss(
-                    flat[:, :self.split[0]], flat[:, self.split[0]:], unit_semantic, unit_pixel,
+                    flat[:, :self.split[0]], flat[:, self.split[0]:], books_s, books_p,
                     pixel_weight=self.pixel_weight)
 
         z_q = z_hat + (codes - z_hat).detach()

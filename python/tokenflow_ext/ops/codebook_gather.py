@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .._parts import check_same_device_dtype, codebook_widths
+from .._parts import bool_arg, check_same_device_dtype, codebook_widths, gather_backward_composite, promote_floats
 
 _op = torch.ops.tokenflow_ext.codebook_gather
 _backward_op = torch.ops.tokenflow_ext.codebook_gather_backward
@@ -30,12 +30,16 @@ def codebook_gather(
             ``None`` follows ``torch.are_deterministic_algorithms_enabled()``. The CPU is always deterministic.
 
     Returns:
-        ``(..., Ds + Dp)`` tensor in the codebooks' dtype. Gradients reach both codebooks (a scatter-add by
+        ``(..., Ds + Dp)`` tensor in the codebooks' dtype (their promoted dtype if they differ; autocast does
+        not change it, as for eager indexing). Gradients reach both codebooks (a scatter-add by
         index, then back through the normalisation when ``l2_norm``).
     """
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
-    return _op(indices, semantic_codebook, pixel_codebook, bool(l2_norm), bool(deterministic))
+    l2_norm = bool_arg("tokenflow_ext.codebook_gather", "l2_norm", l2_norm)
+    deterministic = bool_arg("tokenflow_ext.codebook_gather", "deterministic", deterministic)
+    semantic_codebook, pixel_codebook = promote_floats(semantic_codebook, pixel_codebook)
+    return _op(indices, semantic_codebook, pixel_codebook, l2_norm, deterministic)
 
 
 @torch.library.register_fake("tokenflow_ext::codebook_gather")
@@ -62,6 +66,10 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_rows):
     indices, semantic_codebook, pixel_codebook = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph=True: the backward must itself be differentiable
+        grad_semantic, grad_pixel = gather_backward_composite(grad_rows, indices, semantic_codebook, pixel_codebook,
+                                                              ctx.l2_norm)
+        return None, grad_semantic, grad_pixel, None, None
     grad_semantic, grad_pixel = _backward_op(
         grad_rows.contiguous(), indices, semantic_codebook, pixel_codebook, ctx.l2_norm, ctx.deterministic
     )

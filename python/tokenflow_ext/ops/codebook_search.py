@@ -4,7 +4,18 @@ from __future__ import annotations
 
 import torch
 
-from .._parts import accumulate_dtype, check_same_device_dtype, codebook_widths, normalize_parts, normalize_parts_backward, part_weights
+from .._parts import (
+    accumulate_dtype,
+    bool_arg,
+    check_same_device_dtype,
+    codebook_widths,
+    float_arg,
+    gather_backward_composite,
+    normalize_parts,
+    normalize_parts_backward,
+    part_weights,
+    promote_floats,
+)
 
 _op = torch.ops.tokenflow_ext.codebook_search
 _gather = torch.ops.tokenflow_ext.codebook_gather
@@ -27,20 +38,29 @@ def codebook_search(
 
     Args:
         x: ``(..., Ds + Dp)`` float32 / float16 / bfloat16 / float64, channel-last, any strides.
-        semantic_codebook: ``(K, Ds)``, same device and dtype as ``x``.
+        semantic_codebook: ``(K, Ds)``, same device as ``x``. Mixed float dtypes (e.g. bf16 ``x`` from an
+            autocast region with fp32 codebooks) are computed in their promoted dtype, as eager would; under
+            ``torch.autocast`` the op itself runs in float32 (float64 inputs stay float64).
         pixel_codebook: optional ``(K, Dp)``; without it the search runs on the semantic codebook alone.
         pixel_weight: ``w >= 0`` (TokenFlow's ``w_dis``; ignored without a pixel codebook).
         l2_norm: normalise each part of ``x`` and of the codebooks first.
 
     Returns:
-        ``indices`` int64 ``(...)``: ``argmin_k d``, the lowest ``k`` on ties (as ``torch.argmin``).
+        ``indices`` int64 ``(...)``: ``argmin_k d``, the lowest ``k`` on ties (as ``torch.argmin``), whatever
+        the batch. CPU: codes whose GEMM scores lie within a rounding margin of the best are re-ranked by
+        their exact distance (from differences), then by index. CUDA: each (row, code) score comes from one
+        fixed FMA sequence, so bitwise-identical codes tie exactly; codes closer than fp32 rounding may
+        resolve differently from the CPU.
         ``min_distance`` ``(...)``: ``d(n, indices(n))`` computed directly from the differences, float32
         (float64 for float64 inputs). It is differentiable w.r.t. ``x`` and both codebooks.
 
     Arithmetic is fp32 for fp32/fp16/bf16 inputs (fp64 for fp64); CPU tiles go through torch's GEMM,
     CUDA through a fused SIMT kernel. Memory is O((N + K) * D).
     """
-    return _op(x, semantic_codebook, pixel_codebook, float(pixel_weight), bool(l2_norm))
+    pixel_weight = float_arg("tokenflow_ext.codebook_search", "pixel_weight", pixel_weight)
+    l2_norm = bool_arg("tokenflow_ext.codebook_search", "l2_norm", l2_norm)
+    x, semantic_codebook, pixel_codebook = promote_floats(x, semantic_codebook, pixel_codebook)
+    return _op(x, semantic_codebook, pixel_codebook, pixel_weight, l2_norm)
 
 
 @torch.library.register_fake("tokenflow_ext::codebook_search")
@@ -55,8 +75,15 @@ def _codebook_search_fake(x, semantic_codebook, pixel_codebook, pixel_weight, l2
         lambda: f"tokenflow_ext.codebook_search: the last dim of x is {x.shape[-1]} but the codebooks need "
         f"{semantic_dim + pixel_dim}",
     )
+    acc = accumulate_dtype(x.dtype)
+    limit = torch.finfo(acc).max / 16  # C++: max_pixel_weight
+    torch._check(
+        pixel_weight <= limit,
+        lambda: f"tokenflow_ext.codebook_search: pixel_weight = {pixel_weight} overflows the {acc} arithmetic of "
+        f"these inputs; it must be <= {limit}",
+    )
     shape = x.shape[:-1]
-    return x.new_empty(shape, dtype=torch.int64), x.new_empty(shape, dtype=accumulate_dtype(x.dtype))
+    return x.new_empty(shape, dtype=torch.int64), x.new_empty(shape, dtype=acc)
 
 
 def _setup_context(ctx, inputs, output):
@@ -85,7 +112,10 @@ def _backward(ctx, grad_indices, grad_distance):
     if ctx.needs_input_grad[0]:
         grad_x = normalize_parts_backward(x_compute, grad_x_hat, semantic_dim) if ctx.l2_norm else grad_x_hat
         grad_x = grad_x.to(x.dtype)
-    if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+    if (ctx.needs_input_grad[1] or ctx.needs_input_grad[2]) and torch.is_grad_enabled():  # double backward
+        grad_semantic, grad_pixel = gather_backward_composite(-grad_x_hat, indices, semantic_codebook, pixel_codebook,
+                                                              ctx.l2_norm)
+    elif ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
         grad_semantic, grad_pixel = _gather_backward(
             (-grad_x_hat).to(semantic_codebook.dtype).contiguous(),
             indices,
@@ -100,3 +130,7 @@ def _backward(ctx, grad_indices, grad_distance):
 
 
 torch.library.register_autograd("tokenflow_ext::codebook_search", _backward, setup_context=_setup_context)
+# Autocast: the search runs in float32 arithmetic anyway; casting low-precision inputs up lets autocast-region
+# features meet fp32 codebooks (as the official eager quantizer does), and the indices do not depend on it.
+for _device_type in ("cpu", "cuda"):
+    torch.library.register_autocast("tokenflow_ext::codebook_search", _device_type, torch.float32)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .._parts import accumulate_dtype
+from .._parts import accumulate_dtype, float_arg
 
 _ops = torch.ops.tokenflow_ext
 
@@ -31,7 +31,8 @@ def interpolate(x0: torch.Tensor, x1: torch.Tensor, t: torch.Tensor, sigma_min: 
         ``x_t = (1 - (1 - sigma_min) t) x0 + t x1`` and ``v_target = x1 - (1 - sigma_min) x0``. Gradients
         flow to ``x0`` through both outputs (the target is not detached, as in FlowTok), to ``x1`` and to ``t``.
     """
-    return _ops.flow_interpolate(x0, x1 if x1_grad else x1.detach(), t, float(sigma_min))
+    sigma_min = float_arg("tokenflow_ext.flow.interpolate", "sigma_min", sigma_min)
+    return _ops.flow_interpolate(x0, x1 if x1_grad else x1.detach(), t, sigma_min)
 
 
 def matching_loss(v_pred: torch.Tensor, x0: torch.Tensor, x1: torch.Tensor, sigma_min: float = 1e-5,
@@ -45,7 +46,8 @@ def matching_loss(v_pred: torch.Tensor, x0: torch.Tensor, x1: torch.Tensor, sigm
     """
     if reduction not in REDUCTIONS:
         raise ValueError(f"matching_loss: reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    per_sample = _ops.flow_matching_loss(v_pred, x0, x1 if x1_grad else x1.detach(), float(sigma_min))
+    sigma_min = float_arg("tokenflow_ext.flow.matching_loss", "sigma_min", sigma_min)
+    per_sample = _ops.flow_matching_loss(v_pred, x0, x1 if x1_grad else x1.detach(), sigma_min)
     if reduction == "mean":
         return per_sample.mean()
     if reduction == "sum":
@@ -62,13 +64,16 @@ def euler_step(x: torch.Tensor, v_cond: torch.Tensor, v_uncond: torch.Tensor | N
     one model call on ``cat([cond, uncond])`` (first half conditional), so no ``chunk`` copies are needed.
     ``dt`` and ``s`` are Python floats: no host synchronisation, safe inside a CUDA graph.
     """
-    return _ops.flow_euler_step(x, v_cond, v_uncond, float(dt), float(guidance_scale))
+    op = "tokenflow_ext.flow.euler_step"
+    return _ops.flow_euler_step(x, v_cond, v_uncond, float_arg(op, "dt", dt),
+                                float_arg(op, "guidance_scale", guidance_scale))
 
 
 def euler_step_(x: torch.Tensor, v_cond: torch.Tensor, v_uncond: torch.Tensor | None = None, *, dt: float,
                 guidance_scale: float = 1.0) -> torch.Tensor:
     """In-place :func:`euler_step`: updates and returns ``x``."""
-    _ops.flow_euler_step_(x, v_cond, v_uncond, float(dt), float(guidance_scale))
+    op = "tokenflow_ext.flow.euler_step_"
+    _ops.flow_euler_step_(x, v_cond, v_uncond, float_arg(op, "dt", dt), float_arg(op, "guidance_scale", guidance_scale))
     return x
 
 
@@ -128,12 +133,36 @@ def _interpolate_setup(ctx, inputs, output):
     ctx.save_for_backward(t, output[1] if ctx.needs_input_grad[2] else None)
 
 
+def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return values.reshape(-1, *([1] * (like.dim() - 1)))
+
+
+def _interpolate_backward_composite(grad_x_t, grad_v_target, t, sigma_min):
+    """The formula of flow_interpolate_backward in differentiable torch ops (double backward)."""
+    ref = grad_x_t if grad_x_t is not None else grad_v_target
+    acc = accumulate_dtype(ref.dtype)
+    keep = 1.0 - sigma_min
+    tt = _per_sample(t.to(acc), ref)
+    g_xt = None if grad_x_t is None else grad_x_t.to(acc)
+    g_v = None if grad_v_target is None else grad_v_target.to(acc)
+    grad_x0 = grad_x1 = 0
+    if g_xt is not None:
+        grad_x0, grad_x1 = (1.0 - keep * tt) * g_xt, tt * g_xt
+    if g_v is not None:
+        grad_x0, grad_x1 = grad_x0 - keep * g_v, grad_x1 + g_v
+    return grad_x0.to(ref.dtype), grad_x1.to(ref.dtype)
+
+
 def _interpolate_backward(ctx, grad_x_t, grad_v_target):
     t, v_target = ctx.saved_tensors
     needs_x0, needs_x1, needs_t = ctx.needs_input_grad[:3]
     grad_x0 = grad_x1 = grad_t = None
     if (needs_x0 or needs_x1) and (grad_x_t is not None or grad_v_target is not None):
-        grad_x0, grad_x1 = _ops.flow_interpolate_backward(grad_x_t, grad_v_target, t, ctx.sigma_min, needs_x0, needs_x1)
+        if torch.is_grad_enabled():  # create_graph=True: the backward must itself be differentiable
+            grad_x0, grad_x1 = _interpolate_backward_composite(grad_x_t, grad_v_target, t, ctx.sigma_min)
+        else:
+            grad_x0, grad_x1 = _ops.flow_interpolate_backward(grad_x_t, grad_v_target, t, ctx.sigma_min, needs_x0,
+                                                              needs_x1)
         grad_x0 = grad_x0 if needs_x0 else None
         grad_x1 = grad_x1 if needs_x1 else None
     if needs_t and grad_x_t is not None:
@@ -149,11 +178,24 @@ def _matching_loss_setup(ctx, inputs, output):
     ctx.save_for_backward(v_pred, x0, x1)
 
 
+def _matching_loss_backward_composite(grad_loss, v_pred, x0, x1, sigma_min):
+    """The formula of flow_matching_loss_backward in differentiable torch ops (double backward)."""
+    acc = accumulate_dtype(v_pred.dtype)
+    per_sample = v_pred[0].numel() if v_pred.shape[0] else 1
+    residual = v_pred.to(acc) - (x1.to(acc) - (1.0 - sigma_min) * x0.to(acc))
+    grad_residual = _per_sample(grad_loss.to(acc) * (2.0 / per_sample), v_pred) * residual
+    return (grad_residual.to(v_pred.dtype), ((1.0 - sigma_min) * grad_residual).to(x0.dtype),
+            (-grad_residual).to(x1.dtype))
+
+
 def _matching_loss_backward(ctx, grad_loss):
     v_pred, x0, x1 = ctx.saved_tensors
     needs_v, needs_x0, needs_x1 = ctx.needs_input_grad[:3]
-    grad_v, grad_x0, grad_x1 = _ops.flow_matching_loss_backward(grad_loss, v_pred, x0, x1, ctx.sigma_min,
-                                                                needs_x0, needs_x1)
+    if torch.is_grad_enabled():  # create_graph=True: the backward must itself be differentiable
+        grad_v, grad_x0, grad_x1 = _matching_loss_backward_composite(grad_loss, v_pred, x0, x1, ctx.sigma_min)
+    else:
+        grad_v, grad_x0, grad_x1 = _ops.flow_matching_loss_backward(grad_loss, v_pred, x0, x1, ctx.sigma_min,
+                                                                    needs_x0, needs_x1)
     return (grad_v if needs_v else None), (grad_x0 if needs_x0 else None), (grad_x1 if needs_x1 else None), None
 
 
@@ -179,3 +221,8 @@ torch.library.register_autograd("tokenflow_ext::flow_interpolate", _interpolate_
 torch.library.register_autograd("tokenflow_ext::flow_matching_loss", _matching_loss_backward,
                                 setup_context=_matching_loss_setup)
 torch.library.register_autograd("tokenflow_ext::flow_euler_step", _euler_backward, setup_context=_euler_setup)
+
+# Autocast: the loss is computed in float32 anyway (as eager mse_loss is under autocast), so a bf16/fp16
+# prediction from an autocast region meets fp32 latents; the other flow ops keep their inputs' dtype.
+for _device_type in ("cpu", "cuda"):
+    torch.library.register_autocast("tokenflow_ext::flow_matching_loss", _device_type, torch.float32)
