@@ -33,6 +33,11 @@ TORCH_LIBRARY_FRAGMENT(tokenflow_ext, m) {
 
 #include <optional>
 
+// The op namespace as a string, expanded from the namespace token itself: the CUDA emulation build renames the
+// namespace with -Dtokenflow_ext=tokenflow_ext_emu, and these lookups must then find its own ops.
+#define TFX_STRINGIFY(token) #token
+#define TFX_OP_NAME(ns, op) TFX_STRINGIFY(ns) "::" op
+
 namespace tokenflow_ext {
 namespace {
 
@@ -40,11 +45,11 @@ void flow_euler_step_inplace_autograd(at::Tensor& x, const at::Tensor& v_cond,
                                       const std::optional<at::Tensor>& v_uncond, double dt, double guidance_scale) {
   static const auto functional =
       c10::Dispatcher::singleton()
-          .findSchemaOrThrow("tokenflow_ext::flow_euler_step", "")
+          .findSchemaOrThrow(TFX_OP_NAME(tokenflow_ext, "flow_euler_step"), "")
           .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, double, double)>();
   static const auto in_place =
       c10::Dispatcher::singleton()
-          .findSchemaOrThrow("tokenflow_ext::flow_euler_step_", "")
+          .findSchemaOrThrow(TFX_OP_NAME(tokenflow_ext, "flow_euler_step_"), "")
           .typed<void(at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, double, double)>();
   constexpr const char* op = "tokenflow_ext.flow_euler_step_";
   TORCH_CHECK(x.defined(), op, ": x is undefined");

@@ -176,12 +176,14 @@ inline void syncwarp(unsigned int /*mask*/, int line) {
 
 // One launch at a time: gridDim, blockDim and block_state are process-wide.
 inline std::mutex launch_mutex;
+inline std::atomic<unsigned long long> launches{0};
 
 // Launch: the argument conversion of a real launch, then every block in turn on blockDim OS threads.
 template <typename... Params, typename... Args>
 void launch(const char* kernel_name, dim3 grid, dim3 block, size_t /*shared_bytes*/, cudaStream_t /*stream*/,
             void (*kernel)(Params...), Args&&... args) {
   const std::lock_guard<std::mutex> one_launch(launch_mutex);
+  launches.fetch_add(1);
   const unsigned long long threads = 1ull * block.x * block.y * block.z;
   if (grid.x == 0 || grid.y == 0 || grid.z == 0 || threads == 0 || threads > 1024 || block.z > 64 ||
       grid.y > 65535 || grid.z > 65535 || grid.x > 2147483647u) {
@@ -244,6 +246,11 @@ void launch(const char* kernel_name, dim3 grid, dim3 block, size_t /*shared_byte
 }
 
 }  // namespace emu
+
+// Kernel launches so far: lets the tests check that an emulated op really ran emulated kernels.
+extern "C" __attribute__((used, visibility("default"))) inline unsigned long long tfx_emu_launch_count() {
+  return emu::launches.load();
+}
 
 #define __syncthreads() ::emu::syncthreads(__LINE__)
 #define __syncwarp(...) ::emu::syncwarp(0xffffffffu, __LINE__)
