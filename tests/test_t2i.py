@@ -2,6 +2,7 @@
 reference, masks, exact-mode token equality of the KV-cached sampler with the no-cache reference loop,
 checkpoints and their error paths. Tiny random-weight models only."""
 
+import dataclasses
 import json
 import os
 import re
@@ -12,9 +13,9 @@ import torch.nn.functional as F
 
 from tokenflow_ext.models import StateDictMismatchError, T2IConfig, TokenFlowT2I
 from tokenflow_ext.models.tokenflow import generation as gen
-from tokenflow_ext.models.tokenflow.t2i import CONFIGS, IGNORE_INDEX, refinement_lists, sample_scale
-from tokenflow_ext.reference.t2i import (official_attention_bias, official_features, official_t2i_generate,
-                                         official_t2i_logits)
+from tokenflow_ext.models.tokenflow.t2i import CONFIGS, IGNORE_INDEX, images_to_uint8, refinement_lists, sample_scale
+from tokenflow_ext.reference.t2i import (official_attention_bias, official_embeddings, official_features,
+                                         official_t2i_generate, official_t2i_logits)
 
 PAD = CONFIGS["tiny"].pad_token_id          # 27, after the image ids 10..25
 START = CONFIGS["tiny"].image_token_start   # 10
@@ -83,6 +84,11 @@ def test_7b_key_layout_on_the_meta_device():
     layer_keys = [k for k in state if k.startswith("model.layers.")]
     assert len(layer_keys) == 32 * 11 and all(pattern.fullmatch(k) for k in layer_keys)
     assert config.image_token_end == 64768 and config.tokens_per_image == 817
+    # an official config.json (no tokenflow_ext section) gives the same model: image ids are the last 32768
+    official = config.to_hf_config()
+    del official["tokenflow_ext"]
+    official["pad_token_id"] = None  # [PAD] comes from the text tokenizer, not from config.json
+    assert T2IConfig.from_hf_config(official) == dataclasses.replace(config, name="hf")
 
 
 # ------------------------------------------------------------------------------------------------ training
@@ -181,11 +187,18 @@ def test_attention_mask_equals_the_official_additive_mask():
     assert not allowed[12, 21] and allowed[21, 12] and not allowed[7, 8] and not allowed[5, 0]  # key 0 is [PAD]
 
 
-def test_progressive_features_match_the_official_tower():
+def test_progressive_features_and_embeddings_match_the_official_tower():
     vectors = torch.randn(2, 14, 40, dtype=torch.float64)
     for refine in (None, 1, 2):
         official = official_features(vectors, (1, 2, 3), None if refine is None else refine - 1)
         assert torch.equal(gen.progressive_inputs(vectors, (1, 2, 3), refine), official)
+    model = tiny_model()
+    input_ids, _ = training_batch(model)
+    for refine in (None, 2):
+        ours, start = model.sequence_embeddings(input_ids, refine_scale=refine)
+        official = official_embeddings(model, input_ids, 8, pred_for_curr_shape=None if refine is None else refine - 1)
+        assert start.tolist() == [8, 8]
+        torch.testing.assert_close(ours, official, rtol=0, atol=0)
 
 
 # ------------------------------------------------------------------------------------------------ sampling
@@ -273,7 +286,14 @@ def test_string_prompts_use_the_official_padding_and_decode_to_images():
                          negative_prompt=model.encode_prompts(["no"], text_tokenizer), seed=0, decode=False)
     assert torch.equal(ids.codes, out.codes) and ids.images is None
     with pytest.raises(TypeError, match="tokenizer"):
-        model.generate(["a red bus"])
+        model.generate(["a red bus"], negative_prompt=rows[:1])
+    with pytest.raises(TypeError, match="negative_prompt"):
+        model.generate(rows)
+    HFLike.pad_token_id = 3
+    with pytest.raises(ValueError, match="pad_token_id"):
+        model.encode_prompts(["a"], HFLike())
+    pixels = images_to_uint8(out.images)
+    assert pixels.shape == (2, 32, 32, 3) and pixels.dtype == torch.uint8
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._checkpoint import StateDictMismatchError, load_checked, mismatch
+from .._checkpoint import StateDictMismatchError, load_checked
 from .generation import (REFINEMENT_PRESETS, guidance_ramp, guided_logits, image_vocabulary_logits, input_level_ids,
                          progressive_inputs, sample_logits, scale_of_position)
 from .llama import KeyValue, LlamaDecoderLayer, LlamaShape, RMSNorm, rope_cos_sin, rope_inverse_frequencies, run_layers
@@ -127,9 +127,14 @@ class T2IConfig:
                 raise ValueError("TokenFlowT2I: rope_scaling, attention/MLP biases and activations other than silu "
                                  "are not supported")
             renamed = {"mm_hidden_size": "code_dim", "vq_codebook_size": "image_vocab_size"}
-            known = {field.name for field in dataclasses.fields(cls)}
+            known = {field.name for field in dataclasses.fields(cls)} - {"pad_token_id", "bos_token_id", "name"}
             fields = {renamed.get(key, key): value for key, value in hf.items() if renamed.get(key, key) in known}
-            fields.setdefault("name", "hf")
+            # The <vq_token_k> ids are the last ones the training script adds (after [PAD] = 32000); [PAD] and BOS
+            # come from the text tokenizer, not from config.json (override them if yours differ).
+            if "vocab_size" in fields:
+                vocab = int(fields["vocab_size"])
+                fields["image_token_start"] = vocab - int(fields.get("image_vocab_size", cls.image_vocab_size))
+            fields["name"] = "hf"
         fields.update(overrides)
         return cls(**fields)
 
@@ -465,6 +470,11 @@ class TokenFlowT2I(nn.Module):
         if config.pad_token_id is None:
             raise ValueError("TokenFlowT2I: encoding prompts needs config.pad_token_id")
         if hasattr(tokenizer, "encode"):
+            for attribute in ("pad_token_id", "bos_token_id"):
+                theirs = getattr(tokenizer, attribute, None)
+                if theirs is not None and theirs != getattr(config, attribute):
+                    raise ValueError(f"TokenFlowT2I: the tokenizer's {attribute} is {theirs}, the model config's is "
+                                     f"{getattr(config, attribute)}")
             encode, image_ids = tokenizer.encode, list(tokenizer.encode(IMAGE_START_TEXT, add_special_tokens=False))
         elif callable(tokenizer):
             encode, image_ids = tokenizer, list(tokenizer(IMAGE_START_TEXT))
@@ -535,6 +545,9 @@ class TokenFlowT2I(nn.Module):
         """
         config = self.config
         device = self.lm_head.weight.device
+        if isinstance(negative_prompt, str) and tokenizer is None:
+            raise TypeError("TokenFlowT2I.generate: negative_prompt is a string, which needs tokenizer=; pass its ids "
+                            "(e.g. model.encode_prompts([OFFICIAL_NEGATIVE_PROMPT], tokenizer)) instead")
         cond = self._prefix_rows(prompts, tokenizer, max_text_tokens)
         uncond = self._prefix_rows(negative_prompt, tokenizer, max_text_tokens, count=cond.shape[0])
         if uncond.shape[0] != cond.shape[0]:
@@ -655,12 +668,13 @@ class TokenFlowT2I(nn.Module):
                 if stored != value:
                     raise ValueError(f"TokenFlowT2I.from_pretrained: the checkpoint's {key} is {stored}, the config "
                                      f"says {value}")
-        with torch.device("meta"):
+        if strict:  # built on the meta device: every tensor comes from the file, nothing is initialised twice
+            with torch.device("meta"):
+                model = cls(config)
+            load_checked(model, state, strict=True, assign=True)
+        else:  # missing tensors keep their initialisation
             model = cls(config)
-        missing, _, wrong_shape = mismatch(model, state)
-        if not strict and missing:  # keep random init for the missing tensors
-            model = cls(config)
-        load_checked(model, state, strict=strict, assign=True)
+            load_checked(model, state, strict=False)
         model.__dict__["image_tokenizer"] = image_tokenizer
         model.__dict__["codebook"] = codebook
         if dtype is not None:
@@ -680,6 +694,12 @@ class TokenFlowT2I(nn.Module):
         else:
             torch.save(tensors, os.path.join(folder, "pytorch_model.bin"))
         return folder
+
+
+def images_to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Images ``(B, 3, H, W)`` in [-1, 1] -> ``(B, H, W, 3)`` uint8 on the CPU, as the official script:
+    ``clamp(127.5 * x + 128, 0, 255)`` then truncation."""
+    return torch.clamp(images.permute(0, 2, 3, 1) * 127.5 + 128.0, 0, 255).to("cpu", dtype=torch.uint8)
 
 
 def _read_weights(path: str, map_location: Any) -> dict[str, torch.Tensor]:
@@ -713,4 +733,4 @@ def _read_weights(path: str, map_location: Any) -> dict[str, torch.Tensor]:
 
 
 __all__ = ["CONFIGS", "IGNORE_INDEX", "OFFICIAL_NEGATIVE_PROMPT", "StateDictMismatchError", "T2IConfig",
-           "T2IGeneration", "T2IOutput", "TokenFlowT2I", "refinement_lists", "sample_scale"]
+           "T2IGeneration", "T2IOutput", "TokenFlowT2I", "images_to_uint8", "refinement_lists", "sample_scale"]
