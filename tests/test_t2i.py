@@ -74,7 +74,8 @@ def test_7b_key_layout_on_the_meta_device():
               "model.lvl_embed.weight": (10, 4096), "model.pos_1LC": (817, 4096),
               "model.layers.31.self_attn.qknorm.query_norm.weight": (128,),
               "model.layers.0.self_attn.qknorm.key_norm.weight": (128,),
-              "model.layers.0.mlp.gate_proj.weight": (11008, 4096), "model.layers.5.mlp.down_proj.weight": (4096, 11008),
+              "model.layers.0.mlp.gate_proj.weight": (11008, 4096),
+              "model.layers.5.mlp.down_proj.weight": (4096, 11008),
               "model.layers.7.self_attn.o_proj.weight": (4096, 4096), "model.layers.7.input_layernorm.weight": (4096,),
               "model.layers.7.post_attention_layernorm.weight": (4096,)}
     for key, shape in shapes.items():
@@ -256,6 +257,10 @@ def test_sampler_hook_and_inexact_mode():
     assert torch.equal(out.codes, reference.codes) and out.images is None
     assert calls == [((4, 1, 28), 0.0, 1200, 0.8), ((4, 4, 28), 2.0, 1200, 0.8), ((4, 4, 28), 2.0, 1, 0.0),
                      ((4, 9, 28), 4.0, 1200, 0.8), ((4, 9, 28), 4.0, 1, 0.0)]
+    # id lists of different lengths are left-padded with [PAD]: the same codes as the padded tensor (RoPE is
+    # relative and [PAD] keys are masked, so one pad less changes the logits by rounding only, in float64)
+    ragged = model.generate([PREFIX[0, 2:].tolist(), PREFIX[1, 1:]], negative_prompt=PREFIX[2, 3:], seed=3).codes
+    assert torch.equal(ragged, model.generate(PREFIX[:2], negative_prompt=PREFIX[2:], seed=3).codes)
     fast = model.generate(PREFIX[:2], negative_prompt=PREFIX[2:], exact=False, seed=1).codes
     assert fast.shape == (2, 14) and fast.min() >= 0 and fast.max() < K
     with pytest.raises(ValueError, match="refinement"):
@@ -309,6 +314,8 @@ def test_checkpoint_round_trip_safetensors_and_bin_shards(tmp_path):
         assert torch.equal(loaded.state_dict()[key], value), key
     a = model.generate(PREFIX[:2], negative_prompt=PREFIX[2:], seed=5).codes
     assert torch.equal(loaded.generate(PREFIX[:2], negative_prompt=PREFIX[2:], seed=5).codes, a)
+    half = TokenFlowT2I.from_pretrained(folder, dtype=torch.bfloat16)
+    assert half.lm_head.weight.dtype == torch.bfloat16 and half.codebook is None
 
     # an official-style folder: config.json without our section, two .bin shards, the official id buffers
     shards = tmp_path / "official"

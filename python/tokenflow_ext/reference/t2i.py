@@ -93,7 +93,8 @@ def official_attention_bias(ids: torch.Tensor, image_start: int, scales: Sequenc
     """Additive ``(N, 1, T, T)``: 0 = attend, ``finfo(dtype).min`` = blocked."""
     n, total = ids.shape
     blocked = torch.finfo(dtype).min
-    bias = torch.full((total, total), blocked, dtype=dtype, device=ids.device).triu(1).expand(n, 1, total, total).clone()
+    bias = torch.full((total, total), blocked, dtype=dtype, device=ids.device).triu(1)
+    bias = bias.expand(n, 1, total, total).clone()
     if pad_token_id is not None:
         bias.masked_fill_((ids == pad_token_id)[:, None, None, :], blocked)
     level = torch.cat([torch.full((s * s,), i, device=ids.device) for i, s in enumerate(scales)])

@@ -81,7 +81,8 @@ def rope_inverse_frequencies(head_dim: int, theta: float, device=None) -> torch.
     return 1.0 / (theta ** exponents)
 
 
-def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``positions`` ``(T,)`` or ``(B, T)`` -> ``cos, sin`` ``(..., T, head_dim)`` in ``dtype``; angles
     ``p * inv_freq`` in float32, duplicated over both halves (``cat(freqs, freqs)``). Each entry depends only on
     its own position, so a block's table equals the same rows of a longer table bit for bit."""

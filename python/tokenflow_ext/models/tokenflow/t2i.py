@@ -36,9 +36,9 @@ from .llama import KeyValue, LlamaDecoderLayer, LlamaShape, RMSNorm, rope_cos_si
 IGNORE_INDEX = -100
 IMAGE_START_TEXT = "<img>"
 # The negative prompt of TF:t2i/llava_t2i/eval/run_llava_samples.py (the unconditional half of the CFG batch).
-OFFICIAL_NEGATIVE_PROMPT = ("lowres, bad anatomy, bad hands, text, error, missing fingers, extra digit, fewer digits, "
-                            "cropped, worst quality, low quality, normal quality, jpeg artifacts, signature, watermark, "
-                            "username, blurry.")
+OFFICIAL_NEGATIVE_PROMPT = ("lowres, bad anatomy, bad hands, text, error, missing fingers, extra digit, "
+                            "fewer digits, cropped, worst quality, low quality, normal quality, jpeg artifacts, "
+                            "signature, watermark, username, blurry.")
 CLIPB_256_SCALES = (1, 2, 4, 6, 8, 10, 12, 14, 16)
 
 
@@ -287,8 +287,10 @@ class TokenFlowT2I(nn.Module):
 
     # ------------------------------------------------------------------------------------------ inputs
 
+    @torch.no_grad()
     def code_vectors(self, codes: torch.Tensor) -> torch.Tensor:
-        """Codes ``(B, n)`` -> code vectors ``(B, n, C)`` (the tokenizer's normalised dual-codebook rows)."""
+        """Codes ``(B, n)`` -> code vectors ``(B, n, C)`` (the tokenizer's normalised dual-codebook rows). The
+        tokenizer is frozen (as the official tower): no gradient flows into its codebooks."""
         if self.codebook is not None:
             rows = self.codebook.to(codes.device)[codes]
         elif self.image_tokenizer is not None:
