@@ -244,6 +244,23 @@ def test_ids_after_the_image_vocabulary_are_masked():
         assert codes.min() >= 0 and codes.max() < K
 
 
+def test_kv_cache_runs_the_prefix_once_and_only_the_current_block_per_pass():
+    model = tiny_model()
+    seen = []
+    layer = model.model.layers[0]
+    original = layer.forward
+
+    def recording(x, cos, sin, mask=None, past=None):
+        seen.append((x.shape[1], 0 if past is None else past[0].shape[2]))
+        return original(x, cos, sin, mask, past)
+
+    layer.forward = recording
+    model.generate(PREFIX[:2], negative_prompt=PREFIX[2:], refinement="loop2", seed=0)
+    # (queries, cached keys): the 8 prefix ids once; scale 1's 4 rows twice against the same 8 cached keys
+    # (the refinement pass does not extend the cache); scale 2's 9 rows twice against 8 + 4 keys
+    assert seen == [(8, 0), (4, 8), (4, 8), (9, 12), (9, 12)]
+
+
 def test_sampler_hook_and_inexact_mode():
     model = tiny_model()
     calls = []

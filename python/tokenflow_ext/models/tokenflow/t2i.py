@@ -255,7 +255,8 @@ class TokenFlowT2I(nn.Module):
     - The image tokenizer is not part of the checkpoint (the official tower sits outside the module tree too).
       Give ``image_tokenizer`` (a :class:`TokenFlowTokenizer`: its codebook gives the input vectors and its
       ``decode_indices`` the images) or ``codebook`` (``(K, 40)`` code vectors, e.g. for tests). Neither is
-      moved by ``.to()``; their rows are moved to the model's device when read.
+      moved by ``.to()``; their rows are moved to the model's device when read. The official script runs the
+      tokenizer in the model's dtype (bf16): cast it too to reproduce its input features exactly.
     - Decoder layers follow the official post-norm variant with QKNorm (see :mod:`.llama`); attention is SDPA.
     """
 
