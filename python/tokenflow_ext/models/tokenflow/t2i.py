@@ -31,7 +31,7 @@ from torch import nn
 from .._checkpoint import StateDictMismatchError, load_checked
 from .generation import (REFINEMENT_PRESETS, guidance_ramp, guided_logits, image_vocabulary_logits, input_level_ids,
                          progressive_inputs, sample_logits, scale_of_position)
-from .llama import KeyValue, LlamaDecoderLayer, LlamaShape, RMSNorm, rope_cos_sin, rope_inverse_frequencies, run_layers
+from .llama import LlamaDecoderLayer, LlamaShape, RMSNorm, rope_cos_sin, rope_inverse_frequencies, run_layers
 
 IGNORE_INDEX = -100
 IMAGE_START_TEXT = "<img>"
