@@ -1,9 +1,9 @@
 """Full models built on the fused ops: TokenFlow's tokenizer and FlowTok."""
 
-from ._checkpoint import StateDictMismatchError
+from ._checkpoint import CheckpointError, StateDictMismatchError
 from .flowtok import FlowTiTok, FlowTok, FlowTransformer
 from .tokenflow import CONFIGS as TOKENFLOW_CONFIGS
 from .tokenflow import TokenFlowConfig, TokenFlowTokenizer
 
-__all__ = ["FlowTiTok", "FlowTok", "FlowTransformer", "StateDictMismatchError", "TOKENFLOW_CONFIGS",
+__all__ = ["CheckpointError", "FlowTiTok", "FlowTok", "FlowTransformer", "StateDictMismatchError", "TOKENFLOW_CONFIGS",
            "TokenFlowConfig", "TokenFlowTokenizer"]

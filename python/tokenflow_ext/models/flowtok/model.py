@@ -10,6 +10,7 @@ from torch import nn
 
 from ...flow import FlowMatchingLoss, logit_normal_timesteps, sample
 from .._checkpoint import load_checked, read_checkpoint
+from .._inference import inference_when_eval
 from .clip_text import CLIPTextEncoder
 from .dit import FlowTransformer
 from .flowtitok import FlowTiTok
@@ -58,7 +59,9 @@ class FlowTok(nn.Module):
       decode samples; latents ``(B, 77, 16)`` skip it. ``tokenizer=False`` leaves it out.
     - ``text_decoder``: optional :class:`TextDecoder` for :meth:`image_to_text`.
 
-    Any of them can be passed as a module instead of ``True``. Loss weights default to the official
+    Any of them can be passed as a module instead of ``True``. :meth:`generate` and :meth:`image_to_text`
+    never build a graph; in eval mode (what :meth:`from_pretrained` returns) they run under
+    ``torch.inference_mode()`` (call them under ``torch.no_grad()`` to get normal tensors back). Loss weights default to the official
     ones: ``kl_weight`` 0.01 (``kl_form="official"``, or ``"standard"``), ``align_weight`` 1.0,
     ``cfg_probability`` 0.1. ``flow_kwargs`` go to :class:`FlowTransformer`.
     """
@@ -155,6 +158,7 @@ class FlowTok(nn.Module):
             return self.nnet(torch.cat([x, x]), torch.cat([t, t]), null)  # stacked [cond; uncond]
         return velocity
 
+    @inference_when_eval
     @torch.no_grad()
     def generate(self, text: torch.Tensor, num_steps: int = 20, guidance_scale: float = 2.0, *,
                  time_grid: str = "flowtok", decode: bool = True, generator: torch.Generator | None = None,
@@ -171,6 +175,7 @@ class FlowTok(nn.Module):
             return latents
         return self.tokenizer.decode(latents, features)
 
+    @inference_when_eval
     @torch.no_grad()
     def image_to_text(self, images_or_latents: torch.Tensor, num_steps: int = 20, guidance_scale: float = 1.0, *,
                       time_grid: str = "uniform", decode: bool = True, progress: bool = False) -> torch.Tensor:
