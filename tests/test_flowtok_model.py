@@ -340,3 +340,12 @@ def test_toy_end_to_end_training_sampling_and_image_to_text():
     agreement = (predicted[:, None, :] == token_rows[None, :, :]).float().mean(dim=-1)  # (samples, classes)
     assert torch.equal(agreement.argmax(dim=1), labels)  # every caption decodes closest to its own class
     assert agreement[torch.arange(len(labels)), labels].mean() > 0.5  # chance: 1 / 100 per token
+
+
+def test_empty_training_batch_gives_zero_losses_with_a_warning():
+    model = tiny_flowtok().train()
+    with pytest.warns(RuntimeWarning, match="empty batch"):
+        loss, parts = model.training_loss(torch.zeros(0, 77, 16), torch.zeros(0, 77, 24))
+    assert float(loss.detach()) == 0 and all(float(value.detach()) == 0 for value in parts.values())
+    loss.backward()  # connected to the trainable tensors (zero gradients), as DDP expects
+    assert all(p.grad is not None for p in model.nnet.parameters() if p.requires_grad)

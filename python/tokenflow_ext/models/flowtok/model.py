@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any
 
 import torch
@@ -129,11 +130,16 @@ class FlowTok(nn.Module):
         The flow term runs on the fused ops (interpolation and loss with their fused backward), with
         logit-normal ``t``; gradients reach the text projector through ``x_t`` and the target. In training
         mode, null samples (CFG) get rolled targets (:func:`null_indicator_roll`). ``generator`` (on any
-        device) makes every draw reproducible."""
+        device) makes every draw reproducible. An empty batch gives zero losses and a warning."""
         x1 = self.image_latents(images_or_latents, generator)
         features = self.text_features(text)
         if features.shape[0] != x1.shape[0]:
             raise ValueError(f"FlowTok: {x1.shape[0]} images but {features.shape[0]} texts")
+        if x1.shape[0] == 0:  # means over no samples are NaN: zeros, still connected to every trainable tensor
+            warnings.warn("FlowTok.training_loss: empty batch (B = 0); the losses are zeros", RuntimeWarning,
+                          stacklevel=2)
+            zero = sum((p.sum() for p in self.parameters() if p.requires_grad), x1.new_zeros(())) * 0.0
+            return zero, {"flow": zero, "kl": zero, "align": zero}
         x0, mu, log_var = self.nnet.encode_text(features, generator=generator)
         parts = {}
         zero = x0.new_zeros(())
