@@ -1,4 +1,4 @@
-"""FlowTiTok: FlowTok's 1-D VAE image tokenizer (TA-TiTok with 2-D RoPE and SwiGLU; SPEC §3.2).
+"""FlowTiTok: FlowTok's 1-D VAE image tokenizer (TA-TiTok with 2-D RoPE and SwiGLU; the official FlowTok code).
 
 Images ``(B, 3, S, S)`` in [0, 1] <-> latents ``(B, 16, 1, 77)``. Encoder: ViT-B (patch 16) over
 ``[patches, 77 latent tokens]`` with RoPE on the patch tokens' q and k; ``ln_post`` + 1x1 conv to

@@ -1,4 +1,4 @@
-"""FlowTok: text -> image (and image -> text) by flowing directly between 77x16 token spaces (SPEC §3)."""
+"""FlowTok: text -> image (and image -> text) by flowing directly between 77x16 token spaces (arXiv 2503.10772)."""
 
 from __future__ import annotations
 
@@ -62,7 +62,9 @@ class FlowTok(nn.Module):
 
     Any of them can be passed as a module instead of ``True``. :meth:`generate` and :meth:`image_to_text`
     never build a graph; in eval mode (what :meth:`from_pretrained` returns) they run under
-    ``torch.inference_mode()`` (call them under ``torch.no_grad()`` to get normal tensors back). Loss weights default to the official
+    ``torch.inference_mode()`` (call them under ``torch.no_grad()`` to get normal tensors back).
+
+    Loss weights default to the official
     ones: ``kl_weight`` 0.01 (``kl_form="official"``, or ``"standard"``), ``align_weight`` 1.0,
     ``cfg_probability`` 0.1. ``flow_kwargs`` go to :class:`FlowTransformer`.
     """

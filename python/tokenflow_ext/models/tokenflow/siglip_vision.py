@@ -1,6 +1,6 @@
 """The SigLIP vision tower with Hugging Face's parameter names (``vision_model.embeddings.*``,
 ``vision_model.encoder.layers.{i}.*``, ``vision_model.post_layernorm``, ``vision_model.head.*``), as
-TokenFlow's ``encoder_vqkd`` for the siglip teacher (SPEC §1.2). No dependency on transformers.
+TokenFlow's ``encoder_vqkd`` for the siglip teacher (the official TokenFlow code). No dependency on transformers.
 
 TokenFlow reads ``hidden_states[-2]``: the input of the last encoder layer. ``forward_features`` stops
 there, so the last layer, ``post_layernorm`` and the pooling head are kept for checkpoint parity (and for

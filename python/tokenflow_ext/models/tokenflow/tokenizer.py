@@ -1,4 +1,4 @@
-"""TokenFlowTokenizer: the full TokenFlow image tokenizer on the fused quantizer kernels (SPEC §1)."""
+"""TokenFlowTokenizer: the full TokenFlow image tokenizer on the fused quantizer kernels (arXiv 2412.03069)."""
 
 from __future__ import annotations
 
