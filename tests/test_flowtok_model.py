@@ -349,3 +349,14 @@ def test_empty_training_batch_gives_zero_losses_with_a_warning():
     assert float(loss.detach()) == 0 and all(float(value.detach()) == 0 for value in parts.values())
     loss.backward()  # connected to the trainable tensors (zero gradients), as DDP expects
     assert all(p.grad is not None for p in model.nnet.parameters() if p.requires_grad)
+
+
+def test_eval_generate_runs_as_inference_and_its_images_feed_a_training_tokenizer():
+    model = tiny_flowtok().eval()
+    modes = []
+    model.nnet.register_forward_hook(lambda *_: modes.append(torch.is_inference_mode_enabled()))
+    text = torch.randint(0, 100, (2, 77))
+    images = model.generate(text, num_steps=2)
+    assert modes and all(modes) and images.grad_fn is None and not images.is_inference()
+    trainable = FlowTiTok(image_size=32, **TINY_TITOK).train()  # failed with inference tensors (README example)
+    trainable.encode(images).sum().backward()

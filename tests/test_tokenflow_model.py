@@ -385,18 +385,22 @@ def test_from_pretrained_is_built_for_inference(tmp_path):
     loaded = TokenFlowTokenizer.from_pretrained(path, config="siglip_384", **TINY_VARIANTS["siglip_384"])
     assert not loaded.training and not loaded.residual_quantizer.training
     assert sum(not p.requires_grad for p in loaded.parameters()) == SIGLIP_FROZEN  # kept through assign=True
+    modes = []
+    loaded.decoder.register_forward_hook(lambda *_: modes.append(torch.is_inference_mode_enabled()))
     images = tiny_images(loaded)
     features, losses, indices = loaded.encode(images)
-    assert features.is_inference() and indices.is_inference() and not features.requires_grad
+    assert features.grad_fn is None and not features.requires_grad
     image = loaded.decode_indices(indices)
-    assert image.is_inference() and image.grad_fn is None  # no graph: the decoder's activations are freed
-    assert loaded.decode(features).image.is_inference()
-    with torch.no_grad():  # the caller chose no_grad: normal tensors (usable by a trainable projector)
-        assert not loaded.understanding_features(images).is_inference()
+    assert modes == [True] and image.grad_fn is None  # no graph: the decoder's activations are freed
+    assert not image.is_inference() and not features.is_inference()  # normal tensors handed back
+    assert loaded.decode(features).image.grad_fn is None and modes == [True, True]
+    with torch.no_grad():  # the caller chose no_grad: runs as is
+        loaded.decode(features)
+    assert modes[-1] is False
     trainable = images.clone().requires_grad_()
     assert loaded.encode(trainable).features.grad_fn is not None  # an input with grad: a graph as usual
     loaded.train()
-    assert loaded.decode_indices(indices.clone()).grad_fn is not None
+    assert loaded.decode_indices(indices).grad_fn is not None
 
 
 def test_tokenize_never_drops_scales_and_leaves_training_state_alone():

@@ -27,17 +27,34 @@ def called_for_inference(module: nn.Module, *args, **kwargs) -> bool:
             and not _requires_grad(args) and not _requires_grad(kwargs.values()))
 
 
+def normal_tensors(value):
+    """``value`` with every inference tensor in it (also inside tuples, named tuples, lists and dicts)
+    replaced by a normal copy, made outside inference mode."""
+    if isinstance(value, torch.Tensor):
+        return value.clone() if value.is_inference() else value
+    if isinstance(value, tuple) and hasattr(value, "_fields"):  # NamedTuple
+        return type(value)(*(normal_tensors(v) for v in value))
+    if isinstance(value, (tuple, list)):
+        return type(value)(normal_tensors(v) for v in value)
+    if isinstance(value, dict):
+        return {key: normal_tensors(v) for key, v in value.items()}
+    return value
+
+
 def inference_when_eval(method: Callable) -> Callable:
     """Run ``method`` under ``torch.inference_mode()`` when :func:`called_for_inference` says so: no
     autograd graph, no saved activations (a ``decode_indices`` of a model with trainable parameters would
-    otherwise keep the whole decoder's activations alive)."""
+    otherwise keep the whole decoder's activations alive). The results are handed back as normal tensors
+    (a copy of the outputs, small next to the work): inference tensors would fail later in autograd, e.g.
+    generated images fed to a tokenizer in training mode, or in in-place edits."""
 
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
         if not called_for_inference(self, *args, **kwargs):
             return method(self, *args, **kwargs)
         with torch.inference_mode():
-            return method(self, *args, **kwargs)
+            result = method(self, *args, **kwargs)
+        return normal_tensors(result)
 
     return wrapper
 

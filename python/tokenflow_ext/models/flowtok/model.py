@@ -62,7 +62,7 @@ class FlowTok(nn.Module):
 
     Any of them can be passed as a module instead of ``True``. :meth:`generate` and :meth:`image_to_text`
     never build a graph; in eval mode (what :meth:`from_pretrained` returns) they run under
-    ``torch.inference_mode()`` (call them under ``torch.no_grad()`` to get normal tensors back).
+    ``torch.inference_mode()`` and hand back normal tensors.
 
     Loss weights default to the official
     ones: ``kl_weight`` 0.01 (``kl_form="official"``, or ``"standard"``), ``align_weight`` 1.0,

@@ -116,8 +116,8 @@ class TokenFlowTokenizer(nn.Module):
 
     Inference: in eval mode (what :meth:`from_pretrained` returns), ``encode``, ``decode``,
     ``decode_indices``, ``features_from_indices`` and ``understanding_features`` run under
-    ``torch.inference_mode()`` unless an input requires grad or the caller has turned autograd off itself
-    (under ``torch.no_grad()`` they return normal tensors, e.g. to feed a trainable projector).
+    ``torch.inference_mode()`` unless an input requires grad or the caller has turned autograd off itself;
+    the results come back as normal tensors (usable later in autograd, e.g. by a trainable projector).
     :meth:`tokenize` always runs as inference. In training mode they build the autograd graph as usual.
     With ``teacher="siglip"`` the SigLIP parts the tokenizer never runs (the last layer,
     ``post_layernorm``, ``head``) are frozen, as in the official training.
