@@ -135,3 +135,16 @@ def test_load_warning_names_the_cause(monkeypatch):
     assert "scheduler ticks" in timing.load_warning(2)
     monkeypatch.setattr(timing, "machine_load", lambda: (0.3, 2))
     assert timing.load_warning(2) is None
+
+
+def test_whole_model_rows_carry_the_spread():
+    from tokenflow_ext.bench.codebook import MultiScaleProblem, run_multiscale_case
+    from tokenflow_ext.bench.models import compare_models
+
+    (row,) = run_multiscale_case(MultiScaleProblem(batch=1, preset="clipb_224", k=256), "cpu", repeats=2)
+    assert row.ok and row.repeats == 2 and row.speedup_range is not None
+    calls = []
+    callables = {"fused": lambda: calls.append("fused") or 1, "official-eager": lambda: calls.append("eager") or 1}
+    (row,) = compare_models("toy", "s", 4, callables, "cpu", lambda a, b: (a == b, "same"), repeats=2)
+    assert calls == ["fused", "eager", "fused", "eager", "eager", "fused"]  # warm-up, then alternating rounds
+    assert row.ok and row.ours_min_ms <= row.ours_ms and row.extra["images_per_s"] > 0
