@@ -73,7 +73,8 @@ def bench(args) -> int:
     machine = "; ".join(machine_description(device) for device in devices)
     load_after = machine_load()
     load = (None if load_before is None or load_after is None else
-            f"load average {load_before[0]:.1f} at the start, {load_after[0]:.1f} at the end, on {load_after[1]} CPU(s)")
+            f"load average {load_before[0]:.1f} at the start, {load_after[0]:.1f} at the end, "
+            f"on {load_after[1]} CPU(s)")
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     command = "python -m tokenflow_ext " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     print(f"machine: {machine}\n")
@@ -134,7 +135,9 @@ def main(argv=None) -> int:
     b = sub.add_parser("bench", help="fused ops vs eager PyTorch, torch.compile and installed peers")
     size = b.add_mutually_exclusive_group()
     size.add_argument("--quick", dest="mode", action="store_const", const="quick", help="small sizes (seconds)")
-    size.add_argument("--full", dest="mode", action="store_const", const="full", help="the grid of benchmarks/results/cpu.md, with the whole-model cases (an hour or more on 2 CPU cores)")
+    size.add_argument("--full", dest="mode", action="store_const", const="full",
+                      help="the grid of benchmarks/results/cpu.md, with the whole-model cases (an hour or more on "
+                           "2 CPU cores)")
     b.set_defaults(mode="default")
     b.add_argument("--device", choices=["cpu", "cuda", "all"], default="all")
     b.add_argument("--sizes", metavar="LIST",

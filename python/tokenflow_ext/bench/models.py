@@ -69,8 +69,9 @@ def _timed_peak(fn: Callable, device: str) -> tuple[float, int | None]:
 def compare_models(family: str, shape: str, batch: int, callables: dict[str, Callable], device: str,
                    compare: Callable, *, repeats: int = 1, warmup: bool = True) -> list[Row]:
     """Whole-model row: ``callables["fused"]`` vs ``callables["official-eager"]``, each timed ``repeats``
-    times in alternation (median and spread) with its peak memory. Without ``warmup`` the first timed call's result is the one
-    compared (for calls of minutes). ``compare(ours, theirs) -> (ok, text)``. Reports images/s."""
+    times in alternation (median and spread) with its peak memory. Without ``warmup`` the first timed call's
+    result is the one compared (for calls of minutes). ``compare(ours, theirs) -> (ok, text)``. Reports
+    images/s."""
     results: dict[str, list] = {name: [] for name in callables}
     timings: dict[str, list] = {name: [] for name in callables}
     if warmup:

@@ -110,7 +110,8 @@ def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu",
             break
     state = {key: value for key, value in loaded.items() if isinstance(value, torch.Tensor)}
     if not state:
-        raise CheckpointError(f"{path}: no tensors found (looked for the entries {list(entries)} and a bare state dict)")
+        raise CheckpointError(f"{path}: no tensors found (looked for the entries {list(entries)} and a bare "
+                              "state dict)")
     if all(key.startswith("module.") for key in state):  # saved from DistributedDataParallel
         state = {key[len("module."):]: value for key, value in state.items()}
     return state, metadata
