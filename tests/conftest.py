@@ -13,7 +13,7 @@ CUDA_READY = torch.cuda.is_available() and tokenflow_ext.build_info()["with_cuda
 # 2 threads and 0.07 s with 1 on a loaded 2-core machine). The op tests keep torch's default threads, so the
 # kernels' parallel paths stay covered.
 SINGLE_THREAD_FILES = {"test_tokenflow_model.py", "test_flowtok_model.py", "test_tokenflow_generation.py",
-                       "test_quantizer_robustness.py", "test_readme.py", "test_bench_cli.py"}
+                       "test_ema_kmeans_edge_cases.py", "test_readme.py", "test_bench_cli.py"}
 
 
 def pytest_collection_modifyitems(config, items):
