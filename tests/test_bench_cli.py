@@ -64,3 +64,87 @@ def test_bad_arguments_exit_2(capsys):
     assert main(["bench", "--families", "flow_step", "--sizes", "100x200", "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert "is not like 8192x16384" in err and "unknown families ['warp']" in err and "no case matches" in err
+
+
+def test_rows_report_min_median_and_spread_and_flag_noisy_rows(tmp_path):
+    json_path = tmp_path / "r.json"
+    status = main(["bench", "--device", "cpu", "--repeats", "3", "--families", "gather", "--sizes", "64x128",
+                   "--json", str(json_path), "--no-progress"])
+    assert status == 0
+    for row in json.loads(json_path.read_text())["rows"]:
+        assert 0 < row["ours_min_ms"] <= row["ours_ms"] <= row["ours_p90_ms"]
+        assert 0 < row["baseline_min_ms"] <= row["baseline_ms"] <= row["baseline_p90_ms"]
+        low, high = row["speedup_range"]
+        assert low <= row["speedup"] <= high and row["repeats"] == 3
+        assert row["noisy"] == (high > 1.5 * low)
+
+
+def test_interleaved_samples_alternate_between_implementations():
+    from tokenflow_ext.bench.timing import time_interleaved
+
+    calls = []
+    ours, theirs = time_interleaved([lambda: calls.append("a"), lambda: calls.append("b")], "cpu", warmup=0,
+                                    repeats=4, min_sample_ms=0.0)
+    assert ours.repeats == theirs.repeats == 4
+    assert calls[2:] == ["a", "b", "b", "a", "a", "b", "b", "a"]  # after one calibration call each
+
+
+def test_noisy_flag_and_report_columns():
+    from tokenflow_ext.bench import report
+    from tokenflow_ext.bench.rows import Row
+
+    common = dict(family="f", shape="s", dtype="float32", device="cpu", baseline="b", baseline_peak=None,
+                  ours_peak=None, agreement="ok", ok=True)
+    steady = Row(**common, baseline_ms=10.0, ours_ms=5.0, ours_min_ms=4.9, ours_p10_ms=4.9, ours_p90_ms=5.1,
+                 baseline_min_ms=9.9, baseline_p10_ms=9.9, baseline_p90_ms=10.2)
+    swinging = Row(**common, baseline_ms=12.0, ours_ms=12.0, ours_min_ms=0.4, ours_p10_ms=0.4, ours_p90_ms=16.0,
+                   baseline_min_ms=3.0, baseline_p10_ms=3.0, baseline_p90_ms=20.0)
+    assert not steady.noisy and swinging.noisy
+    table = report.text_table([steady, swinging])
+    assert "min 4.90" in table and "NOISY" in table and "speedup range" in table
+    assert "1 of 2 rows are NOISY" in report.legend([steady, swinging])
+
+
+def test_argument_errors_fail_before_the_run(tmp_path, monkeypatch, capsys):
+    from tokenflow_ext.bench import cases
+
+    def no_run(*args, **kwargs):
+        raise AssertionError("the run started")
+
+    monkeypatch.setattr(cases, "cases_for", no_run)
+    base = ["bench", "--quick", "--device", "cpu", "--no-progress"]
+    assert main(base + ["--repeats", "0"]) == 2
+    assert main(base + ["--threads", "0"]) == 2
+    assert main(base + ["--markdown", str(tmp_path / "missing" / "r.md")]) == 2
+    assert main(base + ["--json", str(tmp_path / "missing" / "r.json")]) == 2
+    assert main(base + ["--plot", str(tmp_path)]) == 2  # a directory
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "matplotlib" else real_find_spec(name, *a))
+    assert main(base + ["--plot", str(tmp_path / "p.png")]) == 2
+    err = capsys.readouterr().err
+    assert "--repeats must be at least 1" in err and "does not exist" in err and "needs matplotlib" in err
+
+
+def test_load_warning_names_the_cause(monkeypatch):
+    from tokenflow_ext.bench import timing
+
+    monkeypatch.setattr(timing, "machine_load", lambda: (24.0, 2))
+    assert "scheduler ticks" in timing.load_warning(2)
+    monkeypatch.setattr(timing, "machine_load", lambda: (0.3, 2))
+    assert timing.load_warning(2) is None
+
+
+def test_whole_model_rows_carry_the_spread():
+    from tokenflow_ext.bench.codebook import MultiScaleProblem, run_multiscale_case
+    from tokenflow_ext.bench.models import compare_models
+
+    (row,) = run_multiscale_case(MultiScaleProblem(batch=1, preset="clipb_224", k=256), "cpu", repeats=2)
+    assert row.ok and row.repeats == 2 and row.speedup_range is not None
+    calls = []
+    callables = {"fused": lambda: calls.append("fused") or 1, "official-eager": lambda: calls.append("eager") or 1}
+    (row,) = compare_models("toy", "s", 4, callables, "cpu", lambda a, b: (a == b, "same"), repeats=2)
+    assert calls == ["fused", "eager", "fused", "eager", "eager", "fused"]  # warm-up, then alternating rounds
+    assert row.ok and row.ours_min_ms <= row.ours_ms and row.extra["images_per_s"] > 0

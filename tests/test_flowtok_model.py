@@ -340,3 +340,23 @@ def test_toy_end_to_end_training_sampling_and_image_to_text():
     agreement = (predicted[:, None, :] == token_rows[None, :, :]).float().mean(dim=-1)  # (samples, classes)
     assert torch.equal(agreement.argmax(dim=1), labels)  # every caption decodes closest to its own class
     assert agreement[torch.arange(len(labels)), labels].mean() > 0.5  # chance: 1 / 100 per token
+
+
+def test_empty_training_batch_gives_zero_losses_with_a_warning():
+    model = tiny_flowtok().train()
+    with pytest.warns(RuntimeWarning, match="empty batch"):
+        loss, parts = model.training_loss(torch.zeros(0, 77, 16), torch.zeros(0, 77, 24))
+    assert float(loss.detach()) == 0 and all(float(value.detach()) == 0 for value in parts.values())
+    loss.backward()  # connected to the trainable tensors (zero gradients), as DDP expects
+    assert all(p.grad is not None for p in model.nnet.parameters() if p.requires_grad)
+
+
+def test_eval_generate_runs_as_inference_and_its_images_feed_a_training_tokenizer():
+    model = tiny_flowtok().eval()
+    modes = []
+    model.nnet.register_forward_hook(lambda *_: modes.append(torch.is_inference_mode_enabled()))
+    text = torch.randint(0, 100, (2, 77))
+    images = model.generate(text, num_steps=2)
+    assert modes and all(modes) and images.grad_fn is None and not images.is_inference()
+    trainable = FlowTiTok(image_size=32, **TINY_TITOK).train()  # failed with inference tensors (README example)
+    trainable.encode(images).sum().backward()

@@ -151,4 +151,94 @@ def test_tokenize_cli_writes_indices_and_reconstruction(tmp_path, capsys):
     from tokenflow_ext.models.tokenflow.cli import load_image
     expected = tokenizer.tokenize(load_image(picture, 32))[0].numpy()
     assert np.array_equal(indices, expected)
-    assert main(["tokenize", os.fspath(tmp_path / "absent.png"), "--checkpoint", checkpoint]) == 2
+    assert main(["tokenize", os.fspath(tmp_path / "absent.png"), "--checkpoint", checkpoint,
+                 "--out-dir", os.fspath(out)]) == 1  # a per-file error: exit status 1 at the end
+
+
+# ------------------------------------------------------------------------------------- tokenize CLI robustness
+
+
+def test_load_image_scales_16_bit_and_float_and_composites_alpha_on_white(tmp_path):
+    image_module = pytest.importorskip("PIL.Image")
+    from tokenflow_ext.models.tokenflow.cli import load_image
+
+    ramp = np.linspace(0, 1, 64 * 64).reshape(64, 64)
+    path16 = os.fspath(tmp_path / "ramp16.png")
+    image_module.fromarray((ramp * 65535).astype(np.uint16)).save(path16)
+    path8 = os.fspath(tmp_path / "ramp8.png")
+    image_module.fromarray((ramp * 255).round().astype(np.uint8)).save(path8)
+    deep, shallow = load_image(path16, 32), load_image(path8, 32)
+    assert (deep > 0.99).float().mean() < 0.05  # was 91 %+ white: convert("RGB") clipped the 16-bit values
+    assert torch.allclose(deep, shallow, atol=0.02)
+    path_f = os.fspath(tmp_path / "ramp.tiff")
+    image_module.fromarray(ramp.astype(np.float32), mode="F").save(path_f)
+    assert torch.allclose(load_image(path_f, 32), shallow, atol=0.02)
+    rgba = np.zeros((32, 32, 4), dtype=np.uint8)  # fully transparent black
+    path_rgba = os.fspath(tmp_path / "clear.png")
+    image_module.fromarray(rgba, mode="RGBA").save(path_rgba)
+    assert torch.equal(load_image(path_rgba, 32), torch.ones(1, 3, 32, 32))
+
+
+def _cli_setup(tmp_path):
+    image_module = pytest.importorskip("PIL.Image")
+    checkpoint = tiny_tokenizer("clipb_256").eval().save_pretrained(tmp_path / "tiny.pt")
+    pictures = []
+    for folder in ("one", "two"):
+        os.makedirs(tmp_path / folder)
+        pictures.append(os.fspath(tmp_path / folder / "photo.png"))
+        pixels = np.random.default_rng(len(pictures)).integers(0, 255, (40, 48, 3), dtype=np.uint8)
+        image_module.fromarray(pixels).save(pictures[-1])
+    return checkpoint, pictures
+
+
+def test_tokenize_cli_reports_bad_files_one_line_each_and_keeps_going(tmp_path, capsys):
+    checkpoint, (first, second) = _cli_setup(tmp_path)
+    text = tmp_path / "notes.png"
+    text.write_text("not an image\n")
+    truncated = tmp_path / "cut.png"
+    truncated.write_bytes(open(first, "rb").read()[:200])
+    out = tmp_path / "out"
+    arguments = ["tokenize", first, os.fspath(text), os.fspath(truncated), os.fspath(tmp_path / "absent.png"),
+                 second, "--checkpoint", checkpoint, "--out-dir", os.fspath(out)]
+    assert main(arguments) == 1
+    captured = capsys.readouterr()
+    errors = captured.err.strip().splitlines()
+    assert len(errors) == 4 and errors[-1] == "tokenize: 3 of 5 file(s) failed"
+    for bad, line in zip(["notes.png", "cut.png", "absent.png"], errors):
+        assert line.startswith("tokenize: ") and bad in line
+    # the same file name twice: two outputs, neither overwritten
+    assert (out / "photo.tokens.npy").exists() and (out / "photo-2.tokens.npy").exists()
+    assert (out / "photo.recon.png").exists() and (out / "photo-2.recon.png").exists()
+    assert not np.array_equal(np.load(out / "photo.tokens.npy"), np.load(out / "photo-2.tokens.npy"))
+
+
+def test_tokenize_cli_setup_errors_are_one_line_and_exit_2(tmp_path, capsys):
+    checkpoint, (picture, _) = _cli_setup(tmp_path)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    text = tmp_path / "text.pt"
+    text.write_text("hello")
+    cases = [
+        (["--checkpoint", checkpoint, "--out-dir", os.fspath(blocker / "sub")], "--out-dir"),
+        (["--checkpoint", checkpoint, "--out-dir", os.fspath(blocker)], "--out-dir"),
+        (["--checkpoint", os.fspath(tmp_path / "absent.pt")], "absent.pt"),
+        (["--checkpoint", os.fspath(empty)], "empty"),
+        (["--checkpoint", os.fspath(text)], "not a readable checkpoint"),
+        (["--checkpoint", os.fspath(tmp_path)], "directory"),
+    ]
+    if not torch.cuda.is_available():
+        cases.append((["--checkpoint", checkpoint, "--device", "cuda"], "CUDA is not available"))
+    for extra, expected in cases:
+        arguments = ["tokenize", picture] + ([] if "--out-dir" in extra else ["--out-dir", os.fspath(tmp_path / "o")])
+        assert main(arguments + extra) == 2, extra
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and expected in err[0], (extra, err)
+
+
+def test_output_stems_never_collide():
+    from tokenflow_ext.models.tokenflow.cli import output_stems
+
+    stems = output_stems(["a/x.png", "b/x.jpg", "x-2.png", "c/x.png", "y.png"], "out")
+    assert len(set(stems)) == 5 and stems[0] == os.path.join("out", "x") and stems[4] == os.path.join("out", "y")

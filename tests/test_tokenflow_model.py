@@ -329,3 +329,145 @@ def test_named_configs_are_consistent():
         assert config.code_dim == 40 and config.codebook_size == 32768 and config.compression == 16
     assert CONFIGS["clipb_256"].replace(enhanced_decoder=True).decoder_channels == 256
     assert CONFIGS["clipb_256"].replace(enhanced_decoder=True).replace(enhanced_decoder=False).decoder_res_blocks == 2
+
+
+# ------------------------------------------------------------------------------------- training under DDP
+
+
+SIGLIP_FROZEN = 16 + 2 + 11  # the last encoder layer, post_layernorm, the pooling head (official: 29 tensors)
+
+
+def test_siglip_parts_the_tokenizer_never_runs_are_frozen():
+    tokenizer = tiny_tokenizer("siglip_384")
+    frozen = [n for n, p in tokenizer.named_parameters() if not p.requires_grad]
+    last = f"encoder_vqkd.vision_model.encoder.layers.{TINY_VARIANTS['siglip_384']['semantic_layers'] - 1}."
+    assert len(frozen) == SIGLIP_FROZEN
+    assert all(n.startswith((last, "encoder_vqkd.vision_model.post_layernorm.", "encoder_vqkd.vision_model.head."))
+               for n in frozen)
+    full = meta_tokenizer("siglip_384")
+    assert sum(not p.requires_grad for p in full.parameters()) == 29
+    assert not full.encoder_vqkd.vision_model.encoder.layers[26].mlp.fc1.weight.requires_grad
+    assert full.encoder_vqkd.vision_model.encoder.layers[25].mlp.fc1.weight.requires_grad
+
+
+@pytest.mark.parametrize("name", list(TINY_VARIANTS))
+def test_ddp_training_steps_without_find_unused_parameters(tmp_path, monkeypatch, name):
+    """Every trainable parameter gets a gradient, so DDP's default (find_unused_parameters=False) works:
+    before the fix, siglip's step 2 failed with "Expected to have finished reduction in the prior iteration"."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        tokenizer = tiny_tokenizer(name).train()
+        tokenizer.residual_quantizer.random_scale_drop = False
+        model = DistributedDataParallel(tokenizer)
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+        images = tiny_images(tokenizer)
+        for _ in range(2):
+            (semantic, image), losses = model(images)
+            loss = losses[0] + losses[1] + F.mse_loss(image, images) + semantic.square().mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    finally:
+        dist.destroy_process_group()
+
+
+# ------------------------------------------------------------------------------------- inference
+
+
+def test_from_pretrained_is_built_for_inference(tmp_path):
+    tokenizer = tiny_tokenizer("siglip_384")
+    path = os.fspath(tmp_path / "tok.pt")
+    official_style_file(tokenizer, path)
+    loaded = TokenFlowTokenizer.from_pretrained(path, config="siglip_384", **TINY_VARIANTS["siglip_384"])
+    assert not loaded.training and not loaded.residual_quantizer.training
+    assert sum(not p.requires_grad for p in loaded.parameters()) == SIGLIP_FROZEN  # kept through assign=True
+    modes = []
+    loaded.decoder.register_forward_hook(lambda *_: modes.append(torch.is_inference_mode_enabled()))
+    images = tiny_images(loaded)
+    features, losses, indices = loaded.encode(images)
+    assert features.grad_fn is None and not features.requires_grad
+    image = loaded.decode_indices(indices)
+    assert modes == [True] and image.grad_fn is None  # no graph: the decoder's activations are freed
+    assert not image.is_inference() and not features.is_inference()  # normal tensors handed back
+    assert loaded.decode(features).image.grad_fn is None and modes == [True, True]
+    with torch.no_grad():  # the caller chose no_grad: runs as is
+        loaded.decode(features)
+    assert modes[-1] is False
+    trainable = images.clone().requires_grad_()
+    assert loaded.encode(trainable).features.grad_fn is not None  # an input with grad: a graph as usual
+    loaded.train()
+    assert loaded.decode_indices(indices).grad_fn is not None
+
+
+def test_tokenize_never_drops_scales_and_leaves_training_state_alone():
+    tokenizer = tiny_tokenizer("clipb_256").train()
+    tokenizer.residual_quantizer.drop_probability = 1.0  # training mode would always drop one scale
+    images = tiny_images(tokenizer)
+    usage = tokenizer.quantize.codebook_used.clone()
+    indices = tokenizer.tokenize(images)
+    assert indices.shape == (2, tokenizer.tokens_per_image) and not indices.is_inference()
+    assert tokenizer.training and tokenizer.residual_quantizer.training and tokenizer.quantize.training
+    assert torch.equal(tokenizer.quantize.codebook_used, usage)
+    assert tokenizer.decode_indices(indices).shape == images.shape
+    assert tokenizer.encode(images).indices.shape[1] < tokenizer.tokens_per_image  # training still drops
+
+
+# ------------------------------------------------------------------------------------- unreadable checkpoints
+
+
+def test_unreadable_checkpoints_name_the_file_and_the_problem(tmp_path):
+    from tokenflow_ext.models import CheckpointError
+
+    kwargs = dict(config="clipb_256", **TINY_VARIANTS["clipb_256"])
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"empty\.pt is empty \(0 bytes\)"):
+        TokenFlowTokenizer.from_pretrained(empty, **kwargs)
+    text = tmp_path / "notes.pt"
+    text.write_text("these are not weights\n")
+    with pytest.raises(CheckpointError, match=r"notes\.pt: not a readable checkpoint"):
+        TokenFlowTokenizer.from_pretrained(text, **kwargs)
+    good = tiny_tokenizer().save_pretrained(tmp_path / "good.pt")
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(open(good, "rb").read()[:4000])
+    with pytest.raises(CheckpointError, match=r"truncated\.pt: not a readable checkpoint"):
+        TokenFlowTokenizer.from_pretrained(truncated, **kwargs)
+    bad_safetensors = tmp_path / "bad.safetensors"
+    bad_safetensors.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+    with pytest.raises(CheckpointError, match=r"bad\.safetensors: not a readable checkpoint"):
+        TokenFlowTokenizer.from_pretrained(bad_safetensors, **kwargs)
+    with pytest.raises(IsADirectoryError, match="is a directory"):
+        TokenFlowTokenizer.from_pretrained(tmp_path, **kwargs)
+    with pytest.raises(FileNotFoundError, match=r"absent\.pt"):
+        TokenFlowTokenizer.from_pretrained(tmp_path / "absent.pt", **kwargs)
+
+
+@pytest.mark.parametrize("stored", ["{not json", '["a list"]', '{"codebook_sise": 8}', '{"scales": [0]}'])
+def test_broken_stored_config_names_the_file(tmp_path, stored):
+    from tokenflow_ext.models import CheckpointError
+
+    path = tmp_path / "tok.pt"
+    torch.save({"model": tiny_tokenizer().state_dict(), "tokenflow_ext": {"config": stored}}, path)
+    with pytest.raises(CheckpointError, match=r"tok\.pt: its stored tokenflow_ext config is broken"):
+        TokenFlowTokenizer.from_pretrained(path)
+    loaded = TokenFlowTokenizer.from_pretrained(path, config="clipb_256", **TINY_VARIANTS["clipb_256"])
+    assert loaded.tokenize(tiny_images(loaded)).shape == (2, 21)  # an explicit config ignores the stored one
+
+
+def test_half_precision_codebook_is_cast_to_the_model_dtype(tmp_path):
+    tokenizer = tiny_tokenizer().eval()
+    state = tokenizer.state_dict()
+    state["quantize.embedding_vqkd.weight"] = state["quantize.embedding_vqkd.weight"].half()
+    state["quantize.embedding_vqgan.weight"] = state["quantize.embedding_vqgan.weight"].bfloat16()
+    path = tmp_path / "half.pt"
+    torch.save({"model": state}, path)
+    loaded = TokenFlowTokenizer.from_pretrained(path, config="clipb_256", **TINY_VARIANTS["clipb_256"])
+    assert loaded.quantize.embedding_vqkd.weight.dtype == torch.float32
+    assert loaded.quantize.embedding_vqgan.weight.dtype == torch.float32
+    images = tiny_images(loaded)
+    indices = loaded.tokenize(images)  # failed before: mixed fp32 features / fp16 codebook at first use
+    assert loaded.decode_indices(indices).shape == images.shape

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib.util
+import os
 import shlex
 import sys
 
@@ -30,6 +31,10 @@ def bench(args) -> int:
     from .bench import report  # noqa: PLC0415
     from .bench.timing import machine_description  # noqa: PLC0415
 
+    problem = _output_problem(args)  # every argument error before the run, not after minutes of it
+    if problem:
+        print(f"bench: {problem}", file=sys.stderr)
+        return 2
     unknown = sorted(set(args.families) - set(case_grid.FAMILIES))
     if unknown:
         print(f"bench: unknown families {unknown}; choose from {case_grid.FAMILIES}", file=sys.stderr)
@@ -50,6 +55,14 @@ def bench(args) -> int:
     if not planned:
         print("bench: no case matches these --families and --sizes", file=sys.stderr)
         return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from .bench.timing import load_warning, machine_load  # noqa: PLC0415
+
+    warning = load_warning(torch.get_num_threads()) if "cpu" in devices else None
+    if warning:
+        print(f"bench: warning: {warning}", file=sys.stderr)
+    load_before = machine_load()
     rows, sized_rows = [], []
     progress = tqdm(planned, desc="bench", unit="case", disable=args.no_progress, file=sys.stderr)
     for device, family, problem in progress:
@@ -58,16 +71,21 @@ def bench(args) -> int:
         rows += new_rows
         sized_rows += [(row, case_grid.problem_size(problem)) for row in new_rows]
     machine = "; ".join(machine_description(device) for device in devices)
+    load_after = machine_load()
+    load = (None if load_before is None or load_after is None else
+            f"load average {load_before[0]:.1f} at the start, {load_after[0]:.1f} at the end, "
+            f"on {load_after[1]} CPU(s)")
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     command = "python -m tokenflow_ext " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     print(f"machine: {machine}\n")
     print(report.text_table(rows))
+    print(f"\n{report.legend(rows)}" + (f" ({load})" if load else ""))
     if args.markdown:
         with open(args.markdown, "w") as f:
-            f.write(report.markdown(rows, machine, date, command))
+            f.write(report.markdown(rows, machine, date, command, load))
     if args.json:
         with open(args.json, "w") as f:
-            f.write(report.to_json(rows, machine, date, command))
+            f.write(report.to_json(rows, machine, date, command, load))
     if args.plot:
         from .bench.plot import plot_speedups  # noqa: PLC0415
 
@@ -76,6 +94,29 @@ def bench(args) -> int:
     for row in failed:
         print(f"CHECK FAILED: {row.family} {row.shape} vs {row.baseline}: {row.agreement}", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _output_problem(args) -> str | None:
+    """Why the run could not finish (bad --repeats / --threads, an output folder that does not exist or is
+    not writable, --plot without matplotlib), or None."""
+    if args.repeats < 1:
+        return f"--repeats must be at least 1, got {args.repeats}"
+    if args.threads is not None and args.threads < 1:
+        return f"--threads must be at least 1, got {args.threads}"
+    for option in ("markdown", "json", "plot"):
+        path = getattr(args, option)
+        if not path:
+            continue
+        folder = os.path.dirname(os.path.abspath(path))
+        if os.path.isdir(path):
+            return f"--{option} {path} is a directory; give a file name"
+        if not os.path.isdir(folder):
+            return f"--{option} {path}: the folder {folder} does not exist"
+        if not os.access(folder, os.W_OK):
+            return f"--{option} {path}: the folder {folder} is not writable"
+    if args.plot and importlib.util.find_spec("matplotlib") is None:
+        return "--plot needs matplotlib: pip install matplotlib (or the plot extra: pip install \".[plot]\")"
+    return None
 
 
 def info(_args) -> int:
@@ -94,7 +135,9 @@ def main(argv=None) -> int:
     b = sub.add_parser("bench", help="fused ops vs eager PyTorch, torch.compile and installed peers")
     size = b.add_mutually_exclusive_group()
     size.add_argument("--quick", dest="mode", action="store_const", const="quick", help="small sizes (seconds)")
-    size.add_argument("--full", dest="mode", action="store_const", const="full", help="PERF.md's grid (minutes)")
+    size.add_argument("--full", dest="mode", action="store_const", const="full",
+                      help="the grid of benchmarks/results/cpu.md, with the whole-model cases (an hour or more on "
+                           "2 CPU cores)")
     b.set_defaults(mode="default")
     b.add_argument("--device", choices=["cpu", "cuda", "all"], default="all")
     b.add_argument("--sizes", metavar="LIST",
@@ -103,7 +146,11 @@ def main(argv=None) -> int:
                                                            "flow_step", "flow_loop", "tokenizer", "flowtok"],
                    help="comma-separated subset of search,gather,quantize,multiscale,flow_train,flow_step,flow_loop,"
                         "tokenizer,flowtok (multiscale, tokenizer, flowtok: whole models, --full only)")
-    b.add_argument("--repeats", type=int, default=5, help="timed samples per implementation (median reported)")
+    b.add_argument("--repeats", type=int, default=5,
+                   help="timed samples per implementation, interleaved with the baseline's (min, median and "
+                        "p10-p90 reported)")
+    b.add_argument("--threads", type=int, metavar="N",
+                   help="torch intra-op threads (default: torch's); 1 avoids scheduler waits on a loaded machine")
     b.add_argument("--markdown", metavar="PATH", help="write the table as Markdown (benchmarks/results/ form)")
     b.add_argument("--json", metavar="PATH", help="write every row as JSON")
     b.add_argument("--plot", metavar="PATH", help="PNG of speedup against problem size (needs matplotlib)")

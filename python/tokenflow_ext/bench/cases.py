@@ -30,7 +30,8 @@ FLOWTOK, WIDE = (256, 77, 16), (64, 4096, 64)
 
 
 def grid(mode: str) -> list[tuple[str, object]]:
-    """(family, problem) pairs. quick: seconds; default: about a minute on 2 cores; full: PERF.md's grid."""
+    """(family, problem) pairs. quick: seconds; default: a few minutes on 2 cores (measured 128 s of CPU, 5.8 min
+    wall on a loaded 2-core machine); full: every size of benchmarks/results/cpu.md (an hour or more)."""
     if mode == "quick":
         return [("search", CodebookProblem(2048, 4096)), ("gather", CodebookProblem(16384, 8192)),
                 ("quantize", CodebookProblem(1024, 4096)), ("flow_train", FlowProblem(FLOWTOK)),

@@ -26,8 +26,8 @@ from tokenflow_ext.reference import (
     quantize_reference,
 )
 
-from .rows import Row, compare_implementations, compile_once
-from .timing import peak_extra_memory, time_call
+from .rows import Row, compare_implementations, compile_once, timing_fields
+from .timing import peak_extra_memory, time_interleaved
 
 
 @dataclass
@@ -253,9 +253,8 @@ def run_multiscale_case(problem: MultiScaleProblem, device: str, *, repeats: int
     ok = torch.equal(ours_indices, their_indices)
     ours_peak = peak_extra_memory(callables["fused"], device)
     their_peak = peak_extra_memory(callables["official-eager"], device)
-    ours = time_call(callables["fused"], device, warmup=1, repeats=min(repeats, 3))
-    theirs = time_call(callables["official-eager"], device, warmup=0, repeats=min(repeats, 3))
+    ours, theirs = time_interleaved([callables["fused"], callables["official-eager"]], device, warmup=0,
+                                    repeats=min(repeats, 3))
     return [Row(family="multi-scale quantizer fwd+bwd", shape=problem.shape, dtype="float32", device=device,
-                baseline="official-eager", baseline_ms=theirs.median_ms, ours_ms=ours.median_ms,
-                baseline_peak=their_peak, ours_peak=ours_peak,
-                agreement="indices match" if ok else "FAIL", ok=ok)]
+                baseline="official-eager", baseline_peak=their_peak, ours_peak=ours_peak,
+                agreement="indices match" if ok else "FAIL", ok=ok, **timing_fields(ours, theirs))]

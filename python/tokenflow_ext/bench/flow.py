@@ -1,4 +1,4 @@
-"""Benchmark cases of the flow_step family (PERF.md §5 C and D).
+"""Benchmark cases of the flow_step family (FlowTok training and sampling shapes).
 
 - ``flow train``: interpolate + matching loss, forward and backward (w.r.t. the prediction and x0), against
   the hand-written eager formula, ``torch.compile`` of it, and flow_matching's ``CondOTProbPath`` +

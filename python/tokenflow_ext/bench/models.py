@@ -9,8 +9,8 @@ from typing import Callable
 
 import torch
 
-from .rows import Row
-from .timing import peak_extra_memory, synchronize
+from .rows import Row, timing_fields
+from .timing import peak_extra_memory, summarize, synchronize
 
 
 @dataclass
@@ -69,23 +69,27 @@ def _timed_peak(fn: Callable, device: str) -> tuple[float, int | None]:
 def compare_models(family: str, shape: str, batch: int, callables: dict[str, Callable], device: str,
                    compare: Callable, *, repeats: int = 1, warmup: bool = True) -> list[Row]:
     """Whole-model row: ``callables["fused"]`` vs ``callables["official-eager"]``, each timed ``repeats``
-    times (median) with its peak memory. Without ``warmup`` the first timed call's result is the one
-    compared (for calls of minutes). ``compare(ours, theirs) -> (ok, text)``. Reports images/s."""
+    times in alternation (median and spread) with its peak memory. Without ``warmup`` the first timed call's
+    result is the one compared (for calls of minutes). ``compare(ours, theirs) -> (ok, text)``. Reports
+    images/s."""
     results: dict[str, list] = {name: [] for name in callables}
     timings: dict[str, list] = {name: [] for name in callables}
-    for name, fn in callables.items():
-        if warmup:
+    if warmup:
+        for name, fn in callables.items():
             results[name].append(fn())
-        for _ in range(max(1, repeats)):
-            timings[name].append(_timed_peak(lambda: results[name].append(fn()), device))
+    for round_index in range(max(1, repeats)):  # interleaved: load from other processes hits both alike
+        names = list(callables) if round_index % 2 == 0 else list(reversed(callables))
+        for name in names:
+            fn = callables[name]
+            timings[name].append(_timed_peak(lambda fn=fn, name=name: results[name].append(fn()), device))
     ok, text = compare(results["fused"][0], results["official-eager"][0])
-    median_ms = {name: sorted(ms for ms, _ in runs)[len(runs) // 2] for name, runs in timings.items()}
-    rate = {name: batch / ms * 1e3 for name, ms in median_ms.items()}
+    spread = {name: summarize([ms for ms, _ in runs]) for name, runs in timings.items()}
+    rate = {name: batch / timing.median_ms * 1e3 for name, timing in spread.items()}
     return [Row(family=family, shape=shape, dtype="float32", device=device, baseline="official-eager",
-                baseline_ms=median_ms["official-eager"], ours_ms=median_ms["fused"],
                 baseline_peak=timings["official-eager"][0][1], ours_peak=timings["fused"][0][1],
                 agreement=f"{text}; {rate['fused']:.2f} vs {rate['official-eager']:.2f} images/s", ok=ok,
-                extra={"images_per_s": rate["fused"], "baseline_images_per_s": rate["official-eager"]})]
+                extra={"images_per_s": rate["fused"], "baseline_images_per_s": rate["official-eager"]},
+                **timing_fields(spread["fused"], spread["official-eager"]))]
 
 
 def run_tokenizer_case(problem: TokenizerProblem, device: str, *, repeats: int = 1) -> list[Row]:

@@ -19,6 +19,10 @@ from torch import nn
 WEIGHT_ENTRIES = ("ema", "model", "state_dict")
 
 
+class CheckpointError(ValueError):
+    """A checkpoint file cannot be read: the message names the file and the problem."""
+
+
 class StateDictMismatchError(RuntimeError):
     """A checkpoint does not fit a model: lists the missing, unexpected and wrongly shaped keys."""
 
@@ -46,33 +50,68 @@ def _torch_load(path: str, map_location) -> Any:
         return torch.load(path, map_location=map_location, weights_only=True)
 
 
+def _unreadable(path: str, error: BaseException) -> CheckpointError:
+    detail = f"{type(error).__name__}: {error}".rstrip(": ")
+    return CheckpointError(f"{path}: not a readable checkpoint (expected a torch.save file or .safetensors; "
+                           f"reading it failed with {detail})")
+
+
+def check_file(path: str | os.PathLike, what: str = "checkpoint") -> str:
+    """``path`` as a string, or an error naming it: missing, a directory, unreadable, empty."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{what} {path} is a directory, not a file")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{what} not found: {path}")
+    if not os.access(path, os.R_OK):
+        raise PermissionError(f"{what} {path} is not readable (permission denied)")
+    if os.path.getsize(path) == 0:
+        raise CheckpointError(f"{what} {path} is empty (0 bytes): an interrupted download or copy?")
+    return path
+
+
 def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu",
                     entries: Iterable[str] = WEIGHT_ENTRIES) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """``(state_dict, metadata)`` from a checkpoint file. ``metadata`` holds the ``"tokenflow_ext"``
-    entry written by :func:`write_checkpoint` (empty for official files)."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+    entry written by :func:`write_checkpoint` (empty for official files).
+
+    A missing file, a directory, an empty file or one that is no checkpoint (text, truncated, another
+    format) raises an error naming the file and the problem (:class:`CheckpointError` for the last two)."""
+    path = check_file(path)
     if path.endswith(".safetensors"):
         try:
             from safetensors import safe_open
         except ImportError as error:
             raise ImportError("reading .safetensors needs the safetensors package (pip install safetensors)") from error
-        with safe_open(path, framework="pt", device=str(map_location)) as handle:
-            state = {key: handle.get_tensor(key) for key in handle.keys()}
-            metadata = handle.metadata() or {}
+        try:
+            with safe_open(path, framework="pt", device=str(map_location)) as handle:
+                state = {key: handle.get_tensor(key) for key in handle.keys()}
+                metadata = handle.metadata() or {}
+        except Exception as error:  # safetensors raises its own SafetensorError and OSErrors
+            raise _unreadable(path, error) from error
         return state, metadata
-    loaded = _torch_load(path, map_location)
+    try:
+        loaded = _torch_load(path, map_location)
+    except MemoryError:
+        raise
+    except Exception as error:
+        # pickle and torch raise anything for text, truncated or foreign files: "KeyError: 101", EOFError,
+        # IndexError, UnpicklingError, zip RuntimeErrors...
+        raise _unreadable(path, error) from error
     if not isinstance(loaded, Mapping):
-        raise ValueError(f"{path}: expected a dict of tensors, got {type(loaded).__name__}")
-    metadata = dict(loaded.get("tokenflow_ext", {}) or {})
+        raise CheckpointError(f"{path}: expected a dict of tensors, got {type(loaded).__name__}")
+    metadata = loaded.get("tokenflow_ext", {}) or {}
+    if not isinstance(metadata, Mapping):
+        raise CheckpointError(f"{path}: its 'tokenflow_ext' metadata entry is a {type(metadata).__name__}, not a dict")
+    metadata = dict(metadata)
     for entry in entries:
         if isinstance(loaded.get(entry), Mapping):
             loaded = loaded[entry]
             break
     state = {key: value for key, value in loaded.items() if isinstance(value, torch.Tensor)}
     if not state:
-        raise ValueError(f"{path}: no tensors found (looked for the entries {list(entries)} and a bare state dict)")
+        raise CheckpointError(f"{path}: no tensors found (looked for the entries {list(entries)} and a bare "
+                              "state dict)")
     if all(key.startswith("module.") for key in state):  # saved from DistributedDataParallel
         state = {key[len("module."):]: value for key, value in state.items()}
     return state, metadata
@@ -88,14 +127,30 @@ def mismatch(model: nn.Module, state: Mapping[str, torch.Tensor]) -> tuple[list,
     return missing, unexpected, wrong_shape
 
 
+def cast_to_model_dtypes(model: nn.Module, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` with each floating-point tensor cast to the dtype of the model's tensor of the same key
+    (e.g. a codebook saved in fp16 loads as the model's fp32, instead of a half-precision parameter that
+    the fused ops reject at first use). Integer and bool tensors are kept as they are."""
+    expected = model.state_dict(keep_vars=True)
+    cast = {}
+    for key, value in state.items():
+        target = expected.get(key)
+        if (target is not None and value.is_floating_point() and target.is_floating_point()
+                and value.dtype != target.dtype):
+            value = value.to(target.dtype)
+        cast[key] = value
+    return cast
+
+
 def load_checked(model: nn.Module, state: Mapping[str, torch.Tensor], *, strict: bool = True,
                  assign: bool = False) -> tuple[list[str], list[str]]:
     """``model.load_state_dict`` with a full mismatch report. Wrong shapes always raise; missing or
-    unexpected keys raise when ``strict``. Returns ``(missing, unexpected)``."""
+    unexpected keys raise when ``strict``. Floating-point tensors take the model's dtype
+    (:func:`cast_to_model_dtypes`). Returns ``(missing, unexpected)``."""
     missing, unexpected, wrong_shape = mismatch(model, state)
     if wrong_shape or (strict and (missing or unexpected)):
         raise StateDictMismatchError(type(model).__name__, missing, unexpected, wrong_shape)
-    model.load_state_dict(state, strict=strict, assign=assign)
+    model.load_state_dict(cast_to_model_dtypes(model, state), strict=strict, assign=assign)
     return missing, unexpected
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import warnings
 from typing import Sequence
 
 import torch
@@ -31,6 +32,8 @@ class MultiScaleQuantizer(nn.Module):
     In training, with probability ``drop_probability`` (official: 0.1) ``drop_count`` scales (official: 1)
     chosen uniformly among all but the first are skipped for that step, as the official code does with
     Python's ``random`` module (pass ``rng`` for a private ``random.Random``).
+
+    An empty batch (``B = 0``) gives zero losses (with a warning in training) instead of NaN means.
 
     The quantizer is stored as ``self.quantize``, so state-dict keys read ``quantize.embedding_vqkd.weight``
     as in TokenFlow's checkpoints.
@@ -91,6 +94,13 @@ class MultiScaleQuantizer(nn.Module):
             all_losses.append(losses)
             all_indices.append(info[-1].reshape(-1, scale * scale))
         averaged = tuple(None if group[0] is None else sum(group) / len(group) for group in zip(*all_losses))
+        if h.shape[0] == 0:  # means over no rows are NaN: report zeros instead (after the quantizer ran, so
+            # that k-means / EMA collectives still happen on this rank under torch.distributed)
+            if self.training:
+                warnings.warn("MultiScaleQuantizer: empty batch (B = 0); its losses are reported as zeros",
+                              RuntimeWarning, stacklevel=2)
+            averaged = tuple(torch.nan_to_num(value, nan=0.0) if isinstance(value, torch.Tensor) else value
+                             for value in averaged)
         return features, averaged, torch.cat(all_indices, dim=1)
 
     def scales_for_length(self, num_tokens: int) -> tuple[int, ...]:

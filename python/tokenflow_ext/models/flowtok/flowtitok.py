@@ -1,4 +1,4 @@
-"""FlowTiTok: FlowTok's 1-D VAE image tokenizer (TA-TiTok with 2-D RoPE and SwiGLU; SPEC §3.2).
+"""FlowTiTok: FlowTok's 1-D VAE image tokenizer (TA-TiTok with 2-D RoPE and SwiGLU; the official FlowTok code).
 
 Images ``(B, 3, S, S)`` in [0, 1] <-> latents ``(B, 16, 1, 77)``. Encoder: ViT-B (patch 16) over
 ``[patches, 77 latent tokens]`` with RoPE on the patch tokens' q and k; ``ln_post`` + 1x1 conv to
@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._checkpoint import load_checked, read_checkpoint
+from .._inference import inference_when_eval
 from .._layers import randn_like_on, trunc_normal_init_
 
 VIT_SIZES = {"small": (512, 8, 8), "base": (768, 12, 12), "large": (1024, 24, 16)}  # width, layers, heads
@@ -211,6 +212,7 @@ class FlowTiTok(nn.Module):
         mean, log_var = parameters.chunk(2, dim=1)
         return Posterior(mean, log_var.clamp(*LOG_VAR_RANGE))
 
+    @inference_when_eval
     def encode(self, images: torch.Tensor, *, sample: bool = True,
                generator: torch.Generator | None = None) -> torch.Tensor:
         """Images ``(B, 3, S, S)`` in [0, 1] -> scaled latents ``(B, 77, 16)`` for the flow model."""
@@ -218,6 +220,7 @@ class FlowTiTok(nn.Module):
         latents = posterior.sample(generator) if sample else posterior.mean
         return (latents.squeeze(2).transpose(1, 2) * self.scale_factor).to(images.dtype)
 
+    @inference_when_eval
     def decode(self, latents: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         """Scaled latents ``(B, 77, 16)`` and CLIP tokens ``(B, 77, 768)`` -> images in [0, 1]."""
         if latents.dim() != 3 or latents.shape[1:] != (self.num_latent_tokens, self.token_size):

@@ -1,8 +1,9 @@
-"""FlowTok: text -> image (and image -> text) by flowing directly between 77x16 token spaces (SPEC §3)."""
+"""FlowTok: text -> image (and image -> text) by flowing directly between 77x16 token spaces (arXiv 2503.10772)."""
 
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any
 
 import torch
@@ -10,6 +11,7 @@ from torch import nn
 
 from ...flow import FlowMatchingLoss, logit_normal_timesteps, sample
 from .._checkpoint import load_checked, read_checkpoint
+from .._inference import inference_when_eval
 from .clip_text import CLIPTextEncoder
 from .dit import FlowTransformer
 from .flowtitok import FlowTiTok
@@ -58,7 +60,11 @@ class FlowTok(nn.Module):
       decode samples; latents ``(B, 77, 16)`` skip it. ``tokenizer=False`` leaves it out.
     - ``text_decoder``: optional :class:`TextDecoder` for :meth:`image_to_text`.
 
-    Any of them can be passed as a module instead of ``True``. Loss weights default to the official
+    Any of them can be passed as a module instead of ``True``. :meth:`generate` and :meth:`image_to_text`
+    never build a graph; in eval mode (what :meth:`from_pretrained` returns) they run under
+    ``torch.inference_mode()`` and hand back normal tensors.
+
+    Loss weights default to the official
     ones: ``kl_weight`` 0.01 (``kl_form="official"``, or ``"standard"``), ``align_weight`` 1.0,
     ``cfg_probability`` 0.1. ``flow_kwargs`` go to :class:`FlowTransformer`.
     """
@@ -126,11 +132,16 @@ class FlowTok(nn.Module):
         The flow term runs on the fused ops (interpolation and loss with their fused backward), with
         logit-normal ``t``; gradients reach the text projector through ``x_t`` and the target. In training
         mode, null samples (CFG) get rolled targets (:func:`null_indicator_roll`). ``generator`` (on any
-        device) makes every draw reproducible."""
+        device) makes every draw reproducible. An empty batch gives zero losses and a warning."""
         x1 = self.image_latents(images_or_latents, generator)
         features = self.text_features(text)
         if features.shape[0] != x1.shape[0]:
             raise ValueError(f"FlowTok: {x1.shape[0]} images but {features.shape[0]} texts")
+        if x1.shape[0] == 0:  # means over no samples are NaN: zeros, still connected to every trainable tensor
+            warnings.warn("FlowTok.training_loss: empty batch (B = 0); the losses are zeros", RuntimeWarning,
+                          stacklevel=2)
+            zero = sum((p.sum() for p in self.parameters() if p.requires_grad), x1.new_zeros(())) * 0.0
+            return zero, {"flow": zero, "kl": zero, "align": zero}
         x0, mu, log_var = self.nnet.encode_text(features, generator=generator)
         parts = {}
         zero = x0.new_zeros(())
@@ -155,6 +166,7 @@ class FlowTok(nn.Module):
             return self.nnet(torch.cat([x, x]), torch.cat([t, t]), null)  # stacked [cond; uncond]
         return velocity
 
+    @inference_when_eval
     @torch.no_grad()
     def generate(self, text: torch.Tensor, num_steps: int = 20, guidance_scale: float = 2.0, *,
                  time_grid: str = "flowtok", decode: bool = True, generator: torch.Generator | None = None,
@@ -171,6 +183,7 @@ class FlowTok(nn.Module):
             return latents
         return self.tokenizer.decode(latents, features)
 
+    @inference_when_eval
     @torch.no_grad()
     def image_to_text(self, images_or_latents: torch.Tensor, num_steps: int = 20, guidance_scale: float = 1.0, *,
                       time_grid: str = "uniform", decode: bool = True, progress: bool = False) -> torch.Tensor:

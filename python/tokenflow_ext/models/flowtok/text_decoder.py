@@ -1,6 +1,6 @@
 """A small text decoder for FlowTok's image -> text direction: 77x16 text latents -> CLIP token ids.
 
-The official release has no text decoder (SPEC §3.5), so this one is ours: non-autoregressive, one token per
+The official FlowTok release has no text decoder, so this one is ours: non-autoregressive, one token per
 latent position (the text latents are 77 tokens, like CLIP's context): ``Linear(16 -> width)`` plus learned
 positions, ``layers`` pre-LN Transformer encoder layers, ``LayerNorm``, ``Linear(width -> vocab)``. Train it
 with :meth:`loss` on pairs ``(text latents, token ids)``; the latents come from the text projector

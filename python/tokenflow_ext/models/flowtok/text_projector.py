@@ -1,4 +1,4 @@
-"""FlowTok's text side after CLIP (SPEC §3.1-3.2): the variational text projector ``FlowEncoder``
+"""FlowTok's text side after CLIP (the official FlowTok code): the variational text projector ``FlowEncoder``
 (official ``context_encoder``), the alignment MLP (``context_projector``), the contrastive alignment loss
 and the two KL forms. Official parameter names (``layers.{i}.attn.W_Q``, ``norm1.g``, ``feed_forward.ffn_1``)."""
 

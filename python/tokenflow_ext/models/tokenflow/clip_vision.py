@@ -1,6 +1,6 @@
 """OpenAI CLIP's ViT visual tower with OpenAI's parameter names (``conv1``, ``class_embedding``,
 ``positional_embedding``, ``ln_pre``, ``transformer.resblocks.{i}``, ``ln_post``), as TokenFlow's
-``encoder_vqkd`` for the clipb teacher (SPEC §1.2). No ``proj``: TokenFlow deletes it.
+``encoder_vqkd`` for the clipb teacher (the official TokenFlow code). No ``proj``: TokenFlow deletes it.
 """
 
 from __future__ import annotations

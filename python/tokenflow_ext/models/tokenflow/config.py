@@ -1,4 +1,4 @@
-"""Named configurations of the official TokenFlow tokenizers (SPEC §1.1-1.3, §1.7)."""
+"""Named configurations of the official TokenFlow tokenizers (the official TokenFlow code)."""
 
 from __future__ import annotations
 

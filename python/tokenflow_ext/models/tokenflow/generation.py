@@ -1,4 +1,4 @@
-"""Utilities for TokenFlow's scale-wise autoregressive text-to-image sampler (SPEC §2.2), written against
+"""Utilities for TokenFlow's scale-wise autoregressive text-to-image sampler (as in the official code), written against
 any callable that returns logits, so they serve a LLaVA/Llama model as well as a toy one.
 
 Layout: an image is ``L = sum s^2`` codes, scale by scale (817 for clipb_256). The model reads

@@ -1,4 +1,4 @@
-"""The pixel branch: TokenFlow's VQGAN CNN encoder and decoder (LlamaGen layout, SPEC §1.3).
+"""The pixel branch: TokenFlow's VQGAN CNN encoder and decoder (LlamaGen layout, as in the official TokenFlow code).
 
 Parameter names follow the official modules (``conv_blocks.{i}.res.{j}``, ``.attn.{j}``, ``.downsample.conv``,
 ``.upsample.conv``, ``mid.{0,1,2}``, ``norm_out``, ``conv_out``), so official weights load without renaming.

@@ -1,6 +1,6 @@
 """TokenFlow's semantic decoder ``decoder_vqkd``: a BEiT-v2-style ViT over the 32-d semantic codes
 (patch size 1, CLS token, absolute positions, ``q_bias``/``v_bias`` without a k bias, mean-pooling mode so
-``fc_norm`` normalises the returned patch tokens; SPEC §1.2). Official parameter names.
+``fc_norm`` normalises the returned patch tokens; the official TokenFlow code). Official parameter names.
 """
 
 from __future__ import annotations

@@ -1,10 +1,11 @@
 """The SigLIP vision tower with Hugging Face's parameter names (``vision_model.embeddings.*``,
 ``vision_model.encoder.layers.{i}.*``, ``vision_model.post_layernorm``, ``vision_model.head.*``), as
-TokenFlow's ``encoder_vqkd`` for the siglip teacher (SPEC §1.2). No dependency on transformers.
+TokenFlow's ``encoder_vqkd`` for the siglip teacher (the official TokenFlow code). No dependency on transformers.
 
 TokenFlow reads ``hidden_states[-2]``: the input of the last encoder layer. ``forward_features`` stops
 there, so the last layer, ``post_layernorm`` and the pooling head are kept for checkpoint parity (and for
-``forward``) but not run by the tokenizer.
+``forward``) but not run by the tokenizer; :meth:`SiglipVisionTower.freeze_unread` turns their gradients
+off (as the official TokenFlow training does), so that DDP without ``find_unused_parameters`` works.
 """
 
 from __future__ import annotations
@@ -116,6 +117,19 @@ class SiglipVisionTower(nn.Module):
         for block in layers[:count]:
             h = block(h)
         return h
+
+    def freeze_unread(self, layer: int = -2) -> list[str]:
+        """``requires_grad_(False)`` on what ``forward_features(x, layer)`` does not run: the later encoder
+        layers, ``post_layernorm`` and ``head`` (so400m at ``layer=-2``: 29 tensors). Returns their names."""
+        layers = self.vision_model.encoder.layers
+        count = len(layers) + 1 + layer if layer < 0 else layer
+        unread = [layers[i] for i in range(count, len(layers))]
+        unread += [self.vision_model.post_layernorm, self.vision_model.head]
+        ids = {id(p) for module in unread for p in module.parameters()}
+        names = [name for name, p in self.named_parameters() if id(p) in ids]
+        for module in unread:
+            module.requires_grad_(False)
+        return names
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         last = self.vision_model.post_layernorm(self.forward_features(x, layer=-1))

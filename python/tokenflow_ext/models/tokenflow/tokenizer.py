@@ -1,4 +1,4 @@
-"""TokenFlowTokenizer: the full TokenFlow image tokenizer on the fused quantizer kernels (SPEC §1)."""
+"""TokenFlowTokenizer: the full TokenFlow image tokenizer on the fused quantizer kernels (arXiv 2412.03069)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from torch import nn
 
 from ...nn.dual_codebook import DualCodebookQuantizer
 from ...nn.multiscale import MultiScaleQuantizer
-from .._checkpoint import load_checked, read_checkpoint, write_checkpoint
+from .._checkpoint import CheckpointError, load_checked, read_checkpoint, write_checkpoint
+from .._inference import evaluating, inference_when_eval
 from .clip_vision import CLIPVisionTower
 from .config import CLIP_MEAN, CLIP_STD, SIGLIP_MEAN, SIGLIP_STD, TokenFlowConfig, resolve_config
 from .pixel_cnn import PixelDecoder, PixelEncoder
@@ -71,8 +72,23 @@ def _semantic_encoder(config: TokenFlowConfig, external: nn.Module | None) -> nn
     if config.teacher == "clip":
         return CLIPVisionTower(config.semantic_pretrain_size, config.semantic_patch, config.semantic_width,
                                config.semantic_layers, config.semantic_heads, config.semantic_mlp_width)
-    return SiglipVisionTower(config.semantic_pretrain_size, config.semantic_patch, config.semantic_width,
-                             config.semantic_layers, config.semantic_heads, config.semantic_mlp_width)
+    tower = SiglipVisionTower(config.semantic_pretrain_size, config.semantic_patch, config.semantic_width,
+                              config.semantic_layers, config.semantic_heads, config.semantic_mlp_width)
+    tower.freeze_unread(layer=-2)  # the tokenizer reads hidden_states[-2]; the official run freezes the rest
+    return tower
+
+
+def _stored_config(path, text: str) -> TokenFlowConfig:
+    """The config :meth:`TokenFlowTokenizer.save_pretrained` stored, or an error naming the file."""
+    try:
+        fields = json.loads(text)
+        if not isinstance(fields, dict):
+            raise TypeError(f"expected a JSON object, got {type(fields).__name__}")
+        return TokenFlowConfig(**fields)
+    except (TypeError, ValueError) as error:  # json.JSONDecodeError is a ValueError
+        raise CheckpointError(f"{os.fspath(path)}: its stored tokenflow_ext config is broken ({error}); pass "
+                              "config= one of 'clipb_224', 'clipb_256', 'siglip_384', 'vitamin_256' to use "
+                              "the weights anyway") from error
 
 
 class TokenFlowTokenizer(nn.Module):
@@ -97,6 +113,14 @@ class TokenFlowTokenizer(nn.Module):
     ``requires_grad`` Parameter officially), the SigLIP tower stops at the hidden state the tokenizer
     reads instead of running its last layer and head, and ``commit_loss_beta`` defaults to 0.25, the
     value of every released training run (``ModelArgs`` says 1.0).
+
+    Inference: in eval mode (what :meth:`from_pretrained` returns), ``encode``, ``decode``,
+    ``decode_indices``, ``features_from_indices`` and ``understanding_features`` run under
+    ``torch.inference_mode()`` unless an input requires grad or the caller has turned autograd off itself;
+    the results come back as normal tensors (usable later in autograd, e.g. by a trainable projector).
+    :meth:`tokenize` always runs as inference. In training mode they build the autograd graph as usual.
+    With ``teacher="siglip"`` the SigLIP parts the tokenizer never runs (the last layer,
+    ``post_layernorm``, ``head``) are frozen, as in the official training.
     """
 
     def __init__(self, config: str | TokenFlowConfig = "clipb_256", *, semantic_encoder: nn.Module | None = None,
@@ -175,17 +199,25 @@ class TokenFlowTokenizer(nn.Module):
         x = images if images.shape[-1] == size else F.interpolate(images, size=(size, size), mode="bicubic")
         return self.quant_conv(self.encoder(x))
 
+    @inference_when_eval
     def encode(self, images: torch.Tensor) -> EncodeResult:
         """Images ``(B, 3, H, W)`` in [-1, 1] -> :class:`EncodeResult` ``(features, losses, indices)``."""
         self._check_images(images)
         h = torch.cat([self.semantic_features(images), self.pixel_features(images)], dim=1)
         return EncodeResult(*self.residual_quantizer(h))
 
-    @torch.no_grad()
     def tokenize(self, images: torch.Tensor) -> torch.Tensor:
-        """Images -> shared indices ``(B, sum s^2)`` int64, scale by scale, row-major within a scale."""
-        return self.encode(images).indices
+        """Images -> shared indices ``(B, sum s^2)`` int64, scale by scale, row-major within a scale.
 
+        Always runs as inference, whatever the module's mode: under ``torch.inference_mode()``, with every
+        scale (no training-mode scale dropout) and without touching the quantizer's training state (usage
+        window, EMA, k-means); the mode is restored afterwards. The indices come back as a normal tensor
+        (not an inference tensor), so they can be edited in place and decoded by a model in training mode."""
+        with torch.inference_mode(), evaluating(self, self.residual_quantizer):
+            indices = self.encode(images).indices
+        return indices.clone()
+
+    @inference_when_eval
     def understanding_features(self, images: torch.Tensor) -> torch.Tensor:
         """The features TokenFlow's i2t path feeds to the LLM projector: ``final_quantize`` as tokens
         ``(B, S*S, 40)`` (siglip_384: ``(B, 729, 40)``)."""
@@ -200,6 +232,7 @@ class TokenFlowTokenizer(nn.Module):
         if not features.is_floating_point():
             raise TypeError(f"TokenFlowTokenizer: features must be floating point, got {features.dtype}")
 
+    @inference_when_eval
     def decode_pixels(self, features: torch.Tensor) -> torch.Tensor:
         """The pixel half of ``decode``: features ``(B, 40, S, S)`` -> image ``(B, 3, image_size, image_size)``."""
         self._check_features(features)
@@ -212,18 +245,21 @@ class TokenFlowTokenizer(nn.Module):
             image = F.interpolate(image, size=(size, size), mode="bicubic")
         return image
 
+    @inference_when_eval
     def decode(self, features: torch.Tensor) -> DecodeResult:
         """Features ``(B, 40, S, S)`` -> :class:`DecodeResult` ``(semantic, image)`` (official ``decode``)."""
         self._check_features(features)
         semantic = self.decode_task_layer(self.decoder_vqkd(features[:, :self.config.semantic_code_dim]))
         return DecodeResult(semantic, self._pixels(features))
 
+    @inference_when_eval
     def features_from_indices(self, indices: torch.Tensor) -> torch.Tensor:
         """Indices ``(B, L)`` (all scales, or a prefix of them) -> features ``(B, 40, S, S)``."""
         if not isinstance(indices, torch.Tensor) or indices.is_floating_point() or indices.dtype == torch.bool:
             raise TypeError("TokenFlowTokenizer: indices must be an integer tensor")
         return self.residual_quantizer.decode_indices(indices)
 
+    @inference_when_eval
     def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
         """Indices ``(B, L)`` -> image ``(B, 3, image_size, image_size)`` (official ``decode_code``, pixel half)."""
         return self.decode_pixels(self.features_from_indices(indices))
@@ -253,7 +289,7 @@ class TokenFlowTokenizer(nn.Module):
             if "config" not in metadata:
                 raise ValueError(f"{os.fspath(path)} stores no tokenflow_ext config: pass config= one of "
                                  "'clipb_224', 'clipb_256', 'siglip_384', 'vitamin_256'")
-            config = TokenFlowConfig(**json.loads(metadata["config"]))
+            config = _stored_config(path, metadata["config"])
         if strict:
             with torch.device("meta"):
                 model = cls(config, semantic_encoder=semantic_encoder, **overrides)
