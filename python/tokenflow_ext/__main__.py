@@ -1,5 +1,6 @@
 """Command line: ``python -m tokenflow_ext bench`` (the main job), ``python -m tokenflow_ext tokenize IMAGE...
---checkpoint PATH`` (TokenFlow indices and reconstructions) and ``python -m tokenflow_ext info``.
+--checkpoint PATH`` (TokenFlow indices and reconstructions), ``python -m tokenflow_ext verify-gpu`` (on a GPU
+machine: tests, CUDA parity cases and benchmarks in one command) and ``python -m tokenflow_ext info``.
 
 Also installed as the ``tokenflow-ext`` console script.
 """
@@ -161,6 +162,12 @@ def main(argv=None) -> int:
 
     tokenize_cli.add_arguments(t)
     t.set_defaults(func=tokenize_cli.run)
+    v = sub.add_parser("verify-gpu", help="on a GPU machine: cuda tests, CUDA parity cases, bench --device cuda, "
+                                          "results into benchmarks/results/<gpu>.{json,md,png}")
+    from . import verify_gpu  # noqa: PLC0415
+
+    verify_gpu.add_arguments(v)
+    v.set_defaults(func=verify_gpu.run)
     i = sub.add_parser("info", help="versions, CUDA build, GPU, installed peers")
     i.set_defaults(func=info)
     args = parser.parse_args(argv)

@@ -45,6 +45,7 @@ def grid(mode: str) -> list[tuple[str, object]]:
     cases = [("search", CodebookProblem(8192, 16384)), ("search", CodebookProblem(8192, 16384, pixel_weight=1.0)),
              ("search", CodebookProblem(729, 32768)), ("search", CodebookProblem(8192, 16384, 8, 0)),
              ("search", CodebookProblem(65536, 32768)), ("gather", CodebookProblem(65536, 32768)),
+             ("gather", CodebookProblem(65536, 32768, index_skew="one code")),
              ("quantize", CodebookProblem(4096, 16384)), ("multiscale", MultiScaleProblem())]
     for shape in (FLOWTOK, WIDE):
         cases += [("flow_train", FlowProblem(shape)), ("flow_train", FlowProblem(shape, torch.bfloat16)),

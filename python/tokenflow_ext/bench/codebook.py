@@ -10,6 +10,8 @@ and makes the run fail. Baselines:
 
 from __future__ import annotations
 
+import functools
+
 import importlib.util
 import math
 from dataclasses import dataclass
@@ -39,11 +41,13 @@ class CodebookProblem:
     pixel_weight: float = 0.5
     dtype: torch.dtype = torch.float32
     seed: int = 0
+    index_skew: str = "uniform"  # gather only: "uniform" codes, or "one code" (a collapsed codebook)
 
     @property
     def shape(self) -> str:
         weight = f" w={self.pixel_weight:g}" if self.pixel_dim else ""
-        return f"N={self.n} K={self.k} D={self.semantic_dim}+{self.pixel_dim}{weight}"
+        skew = "" if self.index_skew == "uniform" else f" indices on {self.index_skew}"
+        return f"N={self.n} K={self.k} D={self.semantic_dim}+{self.pixel_dim}{weight}{skew}"
 
     def nk_bytes(self) -> int:
         return self.n * self.k * 4
@@ -158,10 +162,14 @@ def run_search_case(problem: CodebookProblem, device: str, *, repeats: int = 5,
 
 def run_gather_case(problem: CodebookProblem, device: str, *, repeats: int = 5) -> list[Row]:
     """codebook_gather forward + backward (both codebooks, l2-normalised) against torch indexing + autograd,
-    eager and compiled."""
+    eager and compiled. Uniform or collapsed ("one code") index histograms; on CUDA both backward modes
+    (atomics, and the deterministic sorted piece sums)."""
     _, semantic, pixel = problem.tensors(device)
     g = torch.Generator().manual_seed(problem.seed + 1)
-    indices = torch.randint(0, problem.k, (problem.n,), generator=g).to(device)
+    if problem.index_skew == "one code":
+        indices = torch.zeros(problem.n, dtype=torch.long).to(device)
+    else:
+        indices = torch.randint(0, problem.k, (problem.n,), generator=g).to(device)
     upstream = torch.randn(problem.n, problem.semantic_dim + problem.pixel_dim, generator=g).to(device, problem.dtype)
 
     def step(gather):
@@ -169,18 +177,25 @@ def run_gather_case(problem: CodebookProblem, device: str, *, repeats: int = 5) 
         rows = gather(indices, *leaves)
         return rows, torch.autograd.grad(rows, leaves, upstream)
 
-    callables = {name: (lambda fn=fn: step(fn)) for name, fn in {
-        "fused": tokenflow_ext.codebook_gather, "eager-index": codebook_gather_reference,
-        "torch.compile": compile_once(codebook_gather_reference)}.items()}
-
     def check(ours, name, theirs):
         ok = torch.allclose(ours[0], theirs[0], atol=1e-5) and all(
             torch.allclose(a, b, atol=1e-4, rtol=1e-4) for a, b in zip(ours[1], theirs[1]))
         return ok, "values match" if ok else "FAIL"
 
-    shape = f"N={problem.n} K={problem.k} D={problem.semantic_dim}+{problem.pixel_dim}"
-    return compare_implementations("codebook_gather fwd+bwd", shape, problem.dtype, device, callables, check,
-                                   repeats=repeats)
+    rows = []
+    modes = [None] if device == "cpu" else [False, True]  # the CPU backward is always deterministic
+    for deterministic in modes:
+        fused = functools.partial(tokenflow_ext.codebook_gather, deterministic=deterministic)
+        callables = {name: (lambda fn=fn: step(fn)) for name, fn in {
+            "fused": fused, "eager-index": codebook_gather_reference,
+            "torch.compile": compile_once(codebook_gather_reference)}.items()}
+        mode = "" if deterministic is None else (" deterministic" if deterministic else " atomic")
+        shape = f"N={problem.n} K={problem.k} D={problem.semantic_dim}+{problem.pixel_dim}"
+        if problem.index_skew != "uniform":
+            shape += f" indices on {problem.index_skew}"
+        rows += compare_implementations(f"codebook_gather fwd+bwd{mode}", shape, problem.dtype, device, callables,
+                                        check, repeats=repeats)
+    return rows
 
 
 def run_quantize_case(problem: CodebookProblem, device: str, *, repeats: int = 3) -> list[Row]:
