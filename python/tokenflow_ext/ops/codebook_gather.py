@@ -33,6 +33,12 @@ def codebook_gather(
         ``(..., Ds + Dp)`` tensor in the codebooks' dtype (their promoted dtype if they differ; autocast does
         not change it, as for eager indexing). Gradients reach both codebooks (a scatter-add by
         index, then back through the normalisation when ``l2_norm``).
+
+    Raises:
+        On the CPU, an out-of-range index raises an error naming ``indices``. On CUDA (as with torch's own
+        indexing) it fires a device-side assert instead, which cannot be caught: the process's CUDA context is
+        lost and every later CUDA call fails. Check indices from untrusted input first
+        (``((indices >= 0) & (indices < K)).all()``).
     """
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
