@@ -1,4 +1,4 @@
-"""codebook_gather forward + backward vs torch indexing + autograd (PERF.md §5 B).
+"""codebook_gather forward + backward vs torch indexing + autograd.
 
     pytest benchmarks/bench_codebook_gather.py --benchmark-group-by=group
 """

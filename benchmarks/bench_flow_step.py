@@ -2,7 +2,7 @@
 
     pytest benchmarks/bench_flow_step.py --benchmark-group-by=group
 
-Shapes: FlowTok's [256, 77, 16] and the bandwidth-bound [64, 4096, 64]; fp32 and bf16 (PERF.md §5 C, D).
+Shapes: FlowTok's [256, 77, 16] and the bandwidth-bound [64, 4096, 64]; fp32 and bf16, as the bench CLI grid.
 Every implementation is checked against the fused one before it is timed.
 """
 

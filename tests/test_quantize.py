@@ -104,7 +104,7 @@ def test_bad_input_names_the_problem():
 
 
 def test_official_parity_fixture():
-    """SPEC §5.1: the official VectorQuantizer(32768, split=[32, 8]) built after torch.manual_seed(0), fed
+    """The official VectorQuantizer(32768, split=[32, 8]) built after torch.manual_seed(0), fed
     torch.manual_seed(1); randn(2, 40, 4, 4) in eval mode, picks these first eight indices."""
     torch.manual_seed(0)
     books = []

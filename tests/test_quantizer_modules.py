@@ -280,3 +280,16 @@ def test_autocast_and_mixed_dtypes(training, device, dtype):
     expected = official_quantizer_forward(half.float(), q.embedding_vqkd.weight.detach(),
                                           q.embedding_vqgan.weight.detach())[2]
     assert torch.equal(indices, expected) and z_q.dtype == torch.float32
+
+
+@pytest.mark.parametrize("ema", [False, True])
+def test_empty_training_batch_gives_zero_losses_with_a_warning(ema):
+    q = DualCodebookQuantizer(codebook_size=16, semantic_dim=4, pixel_dim=2, ema=ema).train()
+    z = torch.randn(0, 6, 3, 3, requires_grad=True)
+    with pytest.warns(UserWarning, match="empty training batch"):
+        z_q, (vq_loss, commit_loss, entropy, _, d_sem, d_pix), _ = q(z)
+    assert z_q.shape == (0, 6, 3, 3)
+    for value in (vq_loss, commit_loss, entropy, d_sem, d_pix):
+        assert torch.isfinite(value).all() and float(value.detach()) == 0.0
+    (vq_loss + commit_loss).backward()
+    assert z.grad is not None and z.grad.shape == z.shape

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -128,7 +130,17 @@ class DualCodebookQuantizer(nn.Module):
 
         vq_loss = commit_loss = entropy = None
         usage = 0
-        if self.training:
+        empty = z_hat.numel() == 0
+        if empty:
+            d_norm_semantic, d_norm_pixel = d_norm_semantic.new_zeros(()), d_norm_pixel.new_zeros(())
+        if self.training and empty:
+            # The means of an empty batch are NaN; zeros that stay connected to z and both codebooks keep a DDP
+            # step valid (every parameter still gets a gradient, of zero).
+            warnings.warn("DualCodebookQuantizer: empty training batch; its losses are zero", stacklevel=2)
+            vq_loss = (codes - z_hat.detach()).sum() * 0.0
+            commit_loss = (codes.detach() - z_hat).sum() * 0.0
+            entropy = z.new_zeros((), dtype=torch.float32)
+        elif self.training:
             if self.show_usage:
                 usage = self._update_usage(flat_indices)
             if self.ema:  # codes were gathered before the update, as in the official order

@@ -1,4 +1,4 @@
-"""Official-style, no-cache reference of TokenFlow's text-to-image model (SPEC §2.2), for tests.
+"""Official-style, no-cache reference of TokenFlow's text-to-image model, for tests.
 
 It follows ``TF:t2i/llava_t2i`` step by step, independently of :class:`~tokenflow_ext.models.TokenFlowT2I`'s
 own code paths (only the weights are read from the model):

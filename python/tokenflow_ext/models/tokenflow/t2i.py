@@ -1,4 +1,4 @@
-"""TokenFlow's text-to-image model (SPEC §2.2): a Llama-2 decoder with QKNorm that predicts the 817 codes of
+"""TokenFlow's text-to-image model: a Llama-2 decoder with QKNorm that predicts the 817 codes of
 the clipb_256 tokenizer scale by scale, with a KV-cached version of the official sampler.
 
 Sequence layout of one row (``P`` prefix ids: ``[PAD]`` left padding, BOS, text, the ids of ``"<img>"``)::
