@@ -170,7 +170,8 @@ class TokenizerTrainer(Trainer):
         pair = _DiscriminatorPair(discriminator)
         if self.setup.distributed:
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.model = DDP(model, device_ids=ids)
+            # without a teacher the semantic decoder gets no gradient: DDP must be told to look for that
+            self.model = DDP(model, device_ids=ids, find_unused_parameters=self.teacher is None)
             self.disc_pair = DDP(pair, device_ids=ids)
         else:
             self.model, self.disc_pair = model, pair
