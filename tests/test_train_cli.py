@@ -91,3 +91,14 @@ def test_train_flowtok_on_images_needs_the_frozen_parts(photos, tmp_path, capsys
     assert main(["train", "flowtok", "--data", photos, "--out", str(tmp_path), "--preset", "2,32,2",
                  "--no-progress"]) == 2
     assert "--flowtitok" in capsys.readouterr().err
+
+
+def test_train_bench_family_runs_at_tiny_size():
+    from tokenflow_ext.bench import cases
+    from tokenflow_ext.bench.train import TrainStepProblem, run_train_case
+
+    assert "train" in cases.FAMILIES and "train" in cases.MODEL_FAMILIES
+    assert [p.config for f, p in cases.grid("full") if f == "train"] == ["clipb_256", "siglip_384"]
+    (row,) = run_train_case(TrainStepProblem("clipb_256", 2, dict(TINY_CLIP)), "cpu", repeats=1)
+    assert row.ok, row.agreement  # same first-step loss with either quantizer
+    assert row.extra["steps_per_s"] > 0 and row.baseline == "official-eager"

@@ -145,9 +145,9 @@ def main(argv=None) -> int:
     b.add_argument("--sizes", metavar="LIST",
                    help="override the grid: comma-separated NxK (codebook families) and BxLxD (flow families)")
     b.add_argument("--families", type=_families, default=["search", "gather", "quantize", "multiscale", "flow_train",
-                                                           "flow_step", "flow_loop", "tokenizer", "flowtok"],
+                                                           "flow_step", "flow_loop", "tokenizer", "flowtok", "train"],
                    help="comma-separated subset of search,gather,quantize,multiscale,flow_train,flow_step,flow_loop,"
-                        "tokenizer,flowtok (multiscale, tokenizer, flowtok: whole models, --full only)")
+                        "tokenizer,flowtok,train (multiscale, tokenizer, flowtok, train: whole models, --full only)")
     b.add_argument("--repeats", type=int, default=5,
                    help="timed samples per implementation, interleaved with the baseline's (min, median and "
                         "p10-p90 reported)")
