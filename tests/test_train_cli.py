@@ -40,7 +40,7 @@ def test_train_tokenizer_command_outputs_and_resume(photos, tiny_files, tmp_path
     out = tmp_path / "run"
     assert main(_tokenizer_args(photos, tiny_files, out, "--steps", "2", "--num-workers", "1")) == 0
     assert "last: loss=" in capsys.readouterr().out
-    for name in ("log.csv", "log.jsonl", "samples/step_0000002.png", "checkpoints/last.pt",
+    for name in ("log.csv", "eval.csv", "log.jsonl", "samples/step_0000002.png", "checkpoints/last.pt",
                  "checkpoints/step_0000002.pt"):
         assert os.path.exists(out / name), name
     model = TokenFlowTokenizer.from_pretrained(out / "checkpoints" / "last.pt")
@@ -48,6 +48,12 @@ def test_train_tokenizer_command_outputs_and_resume(photos, tiny_files, tmp_path
     assert main(_tokenizer_args(photos, tiny_files, out, "--steps", "3", "--resume", str(out))) == 0
     rows = [json.loads(line) for line in open(out / "log.jsonl") if '"train"' in line]
     assert [r["step"] for r in rows] == [1, 2, 3]
+    import csv
+
+    train_rows = list(csv.DictReader(open(out / "log.csv")))
+    assert [r["step"] for r in train_rows] == ["1", "2", "3"] and float(train_rows[-1]["rec_loss"]) > 0
+    eval_rows = list(csv.DictReader(open(out / "eval.csv")))
+    assert [r["step"] for r in eval_rows] == ["2", "3"] and float(eval_rows[0]["psnr"]) > 0
 
 
 def test_train_flowtok_command(tmp_path):

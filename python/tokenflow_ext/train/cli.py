@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 
@@ -110,6 +111,6 @@ def run(args) -> int:
     except (DataError, FileNotFoundError, ValueError, ImportError) as error:
         print(f"train {args.model}: error: {error}", file=sys.stderr)
         return 2
-    if last:
+    if last and os.environ.get("RANK", "0") == "0":
         print("last: " + ", ".join(f"{k}={v:.4g}" for k, v in last.items() if isinstance(v, (int, float))))
     return 0

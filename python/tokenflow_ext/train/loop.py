@@ -171,14 +171,16 @@ def unwrap(model: nn.Module) -> nn.Module:
 # ------------------------------------------------------------------------------------------ logging
 
 class RunLogger:
-    """Rank 0 writes every logged row to ``log.csv`` and ``log.jsonl`` in ``out_dir`` (and TensorBoard
-    scalars when ``tensorboard`` is installed and ``tensorboard=True``). Other ranks log nothing."""
+    """Rank 0 writes every logged row to ``log.jsonl`` and to a CSV per kind (``log.csv`` for training rows,
+    ``eval.csv`` for evaluations; the columns are those of the kind's first row, or of the existing file's
+    header when a resumed run appends), plus TensorBoard scalars when ``tensorboard`` is installed and
+    ``tensorboard=True``. Other ranks log nothing."""
 
     def __init__(self, out_dir: str, enabled: bool, tensorboard: bool = True):
         self.enabled = enabled
         self.out_dir = out_dir
         self._writer = None
-        self._fields: list[str] | None = None
+        self._fields: dict[str, list[str]] = {}
         if enabled and tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415
@@ -194,15 +196,16 @@ class RunLogger:
                                               for k, v in row.items()}}
         with open(os.path.join(self.out_dir, "log.jsonl"), "a") as handle:
             handle.write(json.dumps(row) + "\n")
-        path = os.path.join(self.out_dir, "log.csv")
-        new_file = not os.path.exists(path)
-        if self._fields is None:
-            self._fields = list(row)
-        for key in row:
-            if key not in self._fields:
-                self._fields.append(key)
+        path = os.path.join(self.out_dir, "log.csv" if kind == "train" else f"{kind}.csv")
+        new_file = not os.path.exists(path) or os.path.getsize(path) == 0
+        if kind not in self._fields:
+            if new_file:
+                self._fields[kind] = list(row)
+            else:
+                with open(path, newline="") as handle:
+                    self._fields[kind] = next(csv.reader(handle))
         with open(path, "a", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=self._fields, extrasaction="ignore")
+            writer = csv.DictWriter(handle, fieldnames=self._fields[kind], extrasaction="ignore")
             if new_file:
                 writer.writeheader()
             writer.writerow(row)

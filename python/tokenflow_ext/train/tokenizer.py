@@ -192,6 +192,9 @@ class TokenizerTrainer(Trainer):
         perceptual = self.lpips(images, reconstruction).mean() if self.lpips is not None else zero
         if self.teacher is not None:
             target = self.teacher(self.teacher_scaling(images))
+            if target.shape != semantic.shape:
+                raise ValueError(f"the teacher gives features {tuple(target.shape)} but the semantic decoder "
+                                 f"reconstructs {tuple(semantic.shape)}: teacher and --config do not match")
             vqkd = semantic_loss(semantic.float(), target.float())
         else:
             vqkd = zero
@@ -275,7 +278,7 @@ class TokenizerTrainer(Trainer):
         model.eval()
         try:
             features = model.encode(images.to(self.device)).features
-            return model.decode_pixels(features).float().clamp(-1, 1)
+            return model.decode_pixels(features).float().clamp(-1, 1).to(images.device)
         finally:
             model.train(was_training)
 
