@@ -86,3 +86,38 @@ def test_missing_text_features_are_skipped(tmp_path):
     with pytest.warns(RuntimeWarning, match="no text features"):
         trainer.run()
     assert trainer.step == 2
+
+
+def test_flowtok_on_captioned_photographs(tmp_path, monkeypatch):
+    """Images with same-name .txt captions, through (tiny, frozen) FlowTiTok and CLIP text towers; caption
+    strings go through the caption tokenizer (open_clip's; here a stand-in); an image without caption is
+    skipped with a warning and counted."""
+    from tokenflow_ext.models.flowtok import FlowTiTok
+    from tokenflow_ext.models.flowtok.clip_text import CLIPTextEncoder
+    from tokenflow_ext.train import flowtok as flowtok_module
+    from train_helpers import make_image_folder
+
+    data = make_image_folder(tmp_path / "data", nested=False)
+    names = sorted(n for n in os.listdir(data) if os.path.isfile(os.path.join(data, n)))
+    for name in names[:-1]:  # the last image has no caption
+        (tmp_path / "data" / (os.path.splitext(name)[0] + ".txt")).write_text(f"a photograph called {name}")
+
+    def toy_tokenize(captions):
+        ids = torch.zeros(len(captions), 77, dtype=torch.long)
+        for row, caption in enumerate(captions):
+            codes = [1 + ord(c) % 98 for c in caption[:77]]
+            ids[row, :len(codes)] = torch.tensor(codes)
+        return ids
+
+    monkeypatch.setattr(flowtok_module, "tokenize_captions", toy_tokenize)
+    torch.manual_seed(0)
+    model = FlowTok(PRESET, text_encoder=CLIPTextEncoder(width=24, layers=1, heads=2, vocab_size=100, embed_dim=24),
+                    tokenizer=FlowTiTok(image_size=32, patch_size=8, encoder_size=(32, 1, 2), decoder_size=(32, 1, 2),
+                                        text_dim=24), image_size=32, **TINY_FLOW)
+    cfg = config(tmp_path, data, data, steps=3, batch_size=2, image_size=32, eval_every=3, eval_count=2)
+    trainer = FlowTokTrainer(cfg, model=model)
+    frozen = {k: v.clone() for k, v in model.tokenizer.state_dict().items()}
+    with pytest.warns(RuntimeWarning, match="no readable caption"):
+        last = trainer.run()
+    assert trainer.step == 3 and last["skipped"] >= 1 and last["eval_flow_loss"] > 0
+    assert all(torch.equal(v, model.tokenizer.state_dict()[k]) for k, v in frozen.items())  # towers stay frozen
