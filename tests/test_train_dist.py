@@ -1,5 +1,5 @@
 """A 2-process gloo DDP run under torchrun keeps identical weights on both ranks and equals a 1-process
-run with the same global batch."""
+run with the same global batch; the 2-process run is interrupted after step 2 and resumed."""
 
 import os
 import subprocess
@@ -18,9 +18,10 @@ def test_two_process_torchrun_equals_one_process(tmp_path):
     two, one = tmp_path / "two", tmp_path / "one"
     two.mkdir(), one.mkdir()
     launch = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-              "--master-port", str(29500 + os.getpid() % 1000), WORKER, data, str(two), "3"]
-    result = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=180)
-    assert result.returncode == 0, result.stderr[-3000:]
+              "--master-port", str(29500 + os.getpid() % 1000), WORKER, data, str(two)]
+    for args in (["2"], ["3", str(two / "run")]):  # 2 steps, then resume to 3 (each rank its own RNG states)
+        result = subprocess.run(launch + args, env=env, capture_output=True, text=True, timeout=180)
+        assert result.returncode == 0, result.stderr[-3000:]
     result = subprocess.run([sys.executable, WORKER, data, str(one), "3"], env=env, capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -36,5 +37,6 @@ def test_two_process_torchrun_equals_one_process(tmp_path):
     off = [key for key, value in rank0.items() if not torch.allclose(value, single[key], rtol=1e-4, atol=1e-5)]
     assert len(off) <= 0.05 * len(rank0), off
     assert all(key.endswith(".bias") for key in off), off
-    first = torch.load(two / "run" / "checkpoints" / "step_0000003.pt", weights_only=True)
-    assert first["world_size"] == 2 and first["step"] == 3
+    first = torch.load(two / "run" / "checkpoints" / "step_0000002.pt", weights_only=True)
+    assert first["world_size"] == 2 and first["step"] == 2 and len(first["ranks"]) == 2
+    assert torch.load(two / "run" / "checkpoints" / "last.pt", weights_only=True)["step"] == 3

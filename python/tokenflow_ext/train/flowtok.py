@@ -185,11 +185,17 @@ class FlowTokTrainer(Trainer):
 
     def extra_state(self) -> dict[str, Any]:
         extra = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                 "scaler": self.scaler.state_dict(), "generator": self.generator.get_state(),
+                 "scaler": self.scaler.state_dict(),
                  "args": json.dumps(dataclasses.asdict(self.config), default=str)}
         if self.ema is not None:
             extra["ema"] = {k: v.detach().cpu() for k, v in self.ema.module.state_dict().items()}
         return extra
+
+    def per_rank_state(self) -> dict[str, Any]:
+        return {"generator": self.generator.get_state().cpu()}
+
+    def load_per_rank_state(self, state: dict[str, Any]) -> None:
+        self.generator.set_state(state["generator"])
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         load_checked(self.flowtok.nnet, state["model"], strict=True)
@@ -197,8 +203,6 @@ class FlowTokTrainer(Trainer):
         self.scheduler.load_state_dict(state["scheduler"])
         if state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
-        if self.setup.is_main:  # other ranks keep their own seeded stream
-            self.generator.set_state(state["generator"])
         if self.ema is not None:
             self.ema.module.load_state_dict(state["ema"])
 

@@ -91,6 +91,14 @@ class DistributedSetup:
         dist.all_reduce(tensor)
         return int(tensor)
 
+    def gather(self, value: Any) -> list[Any]:
+        """Every rank's ``value`` (a picklable object), in rank order, on every rank."""
+        if not self.distributed:
+            return [value]
+        values: list[Any] = [None] * self.world_size
+        dist.all_gather_object(values, value)
+        return values
+
     def close(self) -> None:
         if self.owns_group and dist.is_initialized():
             dist.destroy_process_group()
@@ -125,8 +133,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def python_rng_state(rng: random.Random) -> tuple:
-    return rng.getstate()
 
 
 # ------------------------------------------------------------------------------------------ EMA, precision
@@ -301,6 +307,14 @@ class Trainer:
     def extra_state(self) -> dict[str, Any]:
         return {}
 
+    def per_rank_state(self) -> dict[str, Any]:
+        """This rank's own state that a resume must restore on the same rank (e.g. a private generator);
+        gathered from every rank when a checkpoint is written."""
+        return {}
+
+    def load_per_rank_state(self, state: dict[str, Any]) -> None:
+        pass
+
     def load_extra_state(self, state: dict[str, Any]) -> None:
         pass
 
@@ -349,10 +363,11 @@ class Trainer:
     def save_checkpoint(self) -> str | None:
         """Rank 0 writes ``checkpoints/step_NNNNNNN.pt`` and ``checkpoints/last.pt`` (each atomically)."""
         path = None
+        ranks = self.setup.gather({"rng": rng_state(), **self.per_rank_state()})  # collective: every rank
         if self.setup.is_main:
             os.makedirs(os.path.dirname(self.checkpoint_path()), exist_ok=True)
             extra = {"trainer": self.name, "step": self.step, "epoch": self.epoch,
-                     "batch_in_epoch": self.batch_in_epoch, "skipped": self.skipped, "rng": rng_state(),
+                     "batch_in_epoch": self.batch_in_epoch, "skipped": self.skipped, "ranks": ranks,
                      "world_size": self.setup.world_size, **self.extra_state()}
             path = write_checkpoint(self.checkpoint_path(self.step), self.model_state(), self.metadata(), extra)
             write_checkpoint(self.checkpoint_path(), self.model_state(), self.metadata(), extra)
@@ -360,9 +375,9 @@ class Trainer:
         return path
 
     def resume_from(self, path: str) -> None:
-        """Restore everything :meth:`save_checkpoint` wrote. The RNG states are those of rank 0 (every
-        rank's own states are re-derived from them only on the rank that wrote them); exact continuation
-        is guaranteed for resuming with the same number of processes."""
+        """Restore everything :meth:`save_checkpoint` wrote, each rank taking its own RNG states back.
+        Exact continuation needs the same number of processes; with another number the run goes on from
+        the same step and data position with freshly seeded per-rank RNGs (and a warning)."""
         if os.path.isdir(path):
             path = os.path.join(path, "checkpoints", "last.pt") if os.path.isdir(os.path.join(path, "checkpoints")) \
                 else os.path.join(path, "last.pt")
@@ -374,10 +389,16 @@ class Trainer:
         self.skipped = state.get("skipped", 0)
         self.load_extra_state(state)
         if self.setup.world_size == state.get("world_size", 1):
-            if self.setup.is_main:
-                set_rng_state(state["rng"])
-            else:
-                seed_everything(self.config.seed * 1000 + self.setup.rank + 7919 * self.step)
+            own = state["ranks"][self.setup.rank]
+            set_rng_state(own["rng"])
+            self.load_per_rank_state(own)
+        else:
+            import warnings  # noqa: PLC0415
+
+            warnings.warn(f"--resume: the checkpoint was written by {state.get('world_size')} process(es), this run "
+                          f"has {self.setup.world_size}: the data position is kept, the random streams restart",
+                          RuntimeWarning, stacklevel=2)
+            seed_everything(self.config.seed * 1000 + self.setup.rank + 7919 * self.step)
 
     # -------------------------------------------------------------------- run
     def run(self) -> dict[str, float]:
