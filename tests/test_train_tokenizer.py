@@ -179,3 +179,14 @@ def test_metrics():
     stats = metrics.codebook_stats(torch.tensor([0.0, 1, 1, 2]), 8)
     assert stats["codes_used"] == 3 and stats["usage"] == 3 / 8
     assert stats["perplexity"] == pytest.approx(2 ** 1.5)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_steps_with_gan_and_adaptive_weight(photos, tmp_path, precision):
+    config = tiny_config(tmp_path, photos, steps=2, precision=precision, disc_start=0, disc_adaptive_weight=True,
+                         perceptual_weight=0.5)
+    trainer = TokenizerTrainer(config, lpips=random_lpips(), teacher=random_teacher())
+    last = trainer.run()
+    assert torch.isfinite(torch.tensor(last["loss"])) and last["disc_weight"] == 0.5
+    assert trainer.scaler.is_enabled() == (precision == "fp16")  # a loss scaler only for fp16
+    assert all(p.dtype == torch.float32 for p in trainer.tokenizer.parameters())  # fp32 master weights
