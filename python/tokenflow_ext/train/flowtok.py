@@ -89,6 +89,7 @@ class FlowTokTrainer(Trainer):
             state, _ = read_checkpoint(config.init)
             load_checked(model.nnet, state, strict=True)
         model.to(self.device).train()
+        self.seed_rank()  # back to the per-rank streams after the shared initialisation
         self.flowtok = model
         self.ema = ModelEMA(model.nnet, config.ema_decay) if config.ema_decay > 0 else None
         self.trainable = [p for p in model.parameters() if p.requires_grad]

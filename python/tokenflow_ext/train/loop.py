@@ -281,7 +281,7 @@ class Trainer:
                              f"process(es) and {config.grad_accum} accumulation step(s)")
         self.per_rank_batch = per_rank
         self.micro_batch = per_rank // config.grad_accum
-        seed_everything(config.seed * 1000 + self.setup.rank)  # deterministic, different per rank
+        self.seed_rank()
         self.step = 0
         self.epoch = 0
         self.batch_in_epoch = 0
@@ -290,6 +290,11 @@ class Trainer:
             os.makedirs(config.out_dir, exist_ok=True)
         self.setup.barrier()
         self.logger = RunLogger(config.out_dir, self.setup.is_main, config.tensorboard)
+
+    def seed_rank(self) -> None:
+        """Seed every global RNG with ``seed * 1000 + rank``: deterministic, different per rank. Trainers call
+        it again after building their model from ``seed`` (the same initial weights on every rank)."""
+        seed_everything(self.config.seed * 1000 + self.setup.rank)
 
     # -------------------------------------------------------------------- hooks
     def train_step(self, micro_batches: list) -> dict[str, float]:

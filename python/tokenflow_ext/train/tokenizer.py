@@ -160,6 +160,7 @@ class TokenizerTrainer(Trainer):
         model.to(self.device).train()
         self.ema = ModelEMA(model, config.ema_decay) if config.ema_decay > 0 else None
         discriminator = PatchGANDiscriminator(3, config.disc_dim, config.disc_layers).to(self.device).train()
+        self.seed_rank()  # back to the per-rank streams after the shared initialisation
         self.discriminator = discriminator
         self.trainable = [p for p in model.parameters() if p.requires_grad]
         betas = (config.beta1, config.beta2)
