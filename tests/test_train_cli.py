@@ -23,8 +23,9 @@ def tiny_files(tmp_path_factory):
     config = root / "tiny.json"
     config.write_text(json.dumps(dict(TINY_CLIP, base="clipb_256")))
     teacher = random_teacher()
-    state = {f"{k}": v for k, v in teacher.tower.state_dict().items()}
-    state["proj"] = teacher.proj
+    state = {f"visual.{k}": v for k, v in teacher.tower.state_dict().items()}  # as in an OpenAI CLIP file
+    state["visual.proj"] = teacher.proj
+    state["token_embedding.weight"] = torch.zeros(3, 2)  # the text tower's entries are ignored
     torch.save(state, root / "teacher.pt")
     return str(config), str(root / "teacher.pt")
 
@@ -108,3 +109,12 @@ def test_train_bench_family_runs_at_tiny_size():
     (row,) = run_train_case(TrainStepProblem("clipb_256", 2, dict(TINY_CLIP)), "cpu", repeats=1)
     assert row.ok, row.agreement  # same first-step loss with either quantizer
     assert row.extra["steps_per_s"] > 0 and row.baseline == "official-eager"
+
+
+def test_a_teacher_file_that_does_not_fit_is_an_error(photos, tiny_files, tmp_path, capsys):
+    config, teacher = tiny_files
+    torch.save({"proj": torch.zeros(2, 2), "conv1.weight": torch.zeros(1)}, tmp_path / "wrong.pt")
+    args = ["train", "tokenizer", "--config", config, "--data", photos, "--out", str(tmp_path / "run"),
+            "--perceptual-weight", "0", "--teacher", str(tmp_path / "wrong.pt"), "--no-progress", "--steps", "1"]
+    assert main(args) == 2
+    assert "teacher" in capsys.readouterr().err

@@ -83,6 +83,7 @@ def _preset(text: str):
 
 
 def run(args) -> int:
+    from ..models._checkpoint import StateDictMismatchError  # noqa: PLC0415
     from .data import DataError  # noqa: PLC0415
 
     try:
@@ -108,7 +109,7 @@ def run(args) -> int:
                 weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
                 gradient_checkpointing=not args.no_gradient_checkpointing)
             last = train_flowtok(config)
-    except (DataError, FileNotFoundError, ValueError, ImportError) as error:
+    except (DataError, FileNotFoundError, ValueError, ImportError, StateDictMismatchError) as error:
         print(f"train {args.model}: error: {error}", file=sys.stderr)
         return 2
     if last and os.environ.get("RANK", "0") == "0":

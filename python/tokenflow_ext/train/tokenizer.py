@@ -100,9 +100,14 @@ def build_teacher(model: TokenFlowTokenizer, path: str) -> SemanticTeacher:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--teacher {path}: file not found; {TEACHER_HELP}")
     state, _ = read_checkpoint(path)
+    if any(key.startswith("visual.") for key in state):  # a whole OpenAI CLIP state dict: keep its visual tower
+        state = {key[len("visual."):]: value for key, value in state.items() if key.startswith("visual.")}
     proj = state.pop("proj", None)
     tower = copy.deepcopy(model.encoder_vqkd)
-    load_checked(tower, state, strict=False)
+    missing, _ = load_checked(tower, state, strict=False)
+    if missing:
+        raise ValueError(f"--teacher {path}: {len(missing)} tensors of the teacher tower are missing, e.g. "
+                         f"{missing[:3]}; {TEACHER_HELP}")
     if proj is None and model.config.teacher == "clip":
         raise ValueError(f"--teacher {path}: a CLIP teacher needs its `proj` ({model.config.semantic_width} x "
                          f"{model.config.decoder_out_dim}); {TEACHER_HELP}")
