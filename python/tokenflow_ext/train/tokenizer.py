@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from ..models._checkpoint import load_checked, read_checkpoint
+from ..models._checkpoint import StateDictMismatchError, load_checked, read_checkpoint
 from ..models.tokenflow.config import CLIP_MEAN, CLIP_STD, SIGLIP_MEAN, SIGLIP_STD, TokenFlowConfig, resolve_config
 from ..models.tokenflow.tokenizer import ScalingLayer, TokenFlowTokenizer
 from . import metrics
@@ -104,7 +104,10 @@ def build_teacher(model: TokenFlowTokenizer, path: str) -> SemanticTeacher:
         state = {key[len("visual."):]: value for key, value in state.items() if key.startswith("visual.")}
     proj = state.pop("proj", None)
     tower = copy.deepcopy(model.encoder_vqkd)
-    missing, _ = load_checked(tower, state, strict=False)
+    try:
+        missing, _ = load_checked(tower, state, strict=False)
+    except StateDictMismatchError as error:
+        raise ValueError(f"--teacher {path} does not fit the {model.config.name} semantic tower: {error}") from error
     if missing:
         raise ValueError(f"--teacher {path}: {len(missing)} tensors of the teacher tower are missing, e.g. "
                          f"{missing[:3]}; {TEACHER_HELP}")
