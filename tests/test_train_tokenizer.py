@@ -191,3 +191,21 @@ def test_mixed_precision_steps_with_gan_and_adaptive_weight(photos, tmp_path, pr
     assert torch.isfinite(torch.tensor(last["loss"])) and last["disc_weight"] == 0.5
     assert trainer.scaler.is_enabled() == (precision == "fp16")  # a loss scaler only for fp16
     assert all(p.dtype == torch.float32 for p in trainer.tokenizer.parameters())  # fp32 master weights
+
+
+def test_enhanced_decoder_finetuning_from_a_plain_checkpoint(photos, tmp_path):
+    """Official --finetune_decoder --enhanced_decoder: start from a tokenizer with the plain decoder, keep
+    everything but the decoder (which no longer fits), train only the new 2x decoder."""
+    from tokenflow_tiny import tiny_tokenizer
+
+    plain = tiny_tokenizer("clipb_256", seed=3)
+    plain.save_pretrained(tmp_path / "plain.pt")
+    config = tiny_config(tmp_path, photos, steps=1, init=str(tmp_path / "plain.pt"), enhanced_decoder=True,
+                         finetune_decoder=True, perceptual_weight=0, semantic_weight=0)
+    trainer = TokenizerTrainer(config)
+    model = trainer.tokenizer
+    assert model.config.decoder_channels == 256 and model.config.decoder_res_blocks == 4
+    assert torch.equal(model.encoder.conv_in.weight, plain.encoder.conv_in.weight)  # kept from the checkpoint
+    # (a step of the 2x decoder takes seconds on the CPU; decoder-only steps are tested above)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {
+        n for n, _ in model.named_parameters() if n.startswith("decoder.")}
