@@ -1,6 +1,5 @@
 """Launched by torchrun (or run alone): tiny tokenizer training; each rank saves its final weights."""
 
-import json
 import os
 import sys
 
