@@ -1,5 +1,6 @@
 """Command line: ``python -m tokenflow_ext bench`` (the main job), ``python -m tokenflow_ext tokenize IMAGE...
---checkpoint PATH`` (TokenFlow indices and reconstructions), ``python -m tokenflow_ext verify-gpu`` (on a GPU
+--checkpoint PATH`` (TokenFlow indices and reconstructions), ``python -m tokenflow_ext train {tokenizer,flowtok}``
+(training, also under ``torchrun``), ``python -m tokenflow_ext verify-gpu`` (on a GPU
 machine: tests, CUDA parity cases and benchmarks in one command) and ``python -m tokenflow_ext info``.
 
 Also installed as the ``tokenflow-ext`` console script.
@@ -144,9 +145,9 @@ def main(argv=None) -> int:
     b.add_argument("--sizes", metavar="LIST",
                    help="override the grid: comma-separated NxK (codebook families) and BxLxD (flow families)")
     b.add_argument("--families", type=_families, default=["search", "gather", "quantize", "multiscale", "flow_train",
-                                                           "flow_step", "flow_loop", "tokenizer", "flowtok"],
+                                                           "flow_step", "flow_loop", "tokenizer", "flowtok", "train"],
                    help="comma-separated subset of search,gather,quantize,multiscale,flow_train,flow_step,flow_loop,"
-                        "tokenizer,flowtok (multiscale, tokenizer, flowtok: whole models, --full only)")
+                        "tokenizer,flowtok,train (multiscale, tokenizer, flowtok, train: whole models, --full only)")
     b.add_argument("--repeats", type=int, default=5,
                    help="timed samples per implementation, interleaved with the baseline's (min, median and "
                         "p10-p90 reported)")
@@ -168,6 +169,11 @@ def main(argv=None) -> int:
 
     verify_gpu.add_arguments(v)
     v.set_defaults(func=verify_gpu.run)
+    tr = sub.add_parser("train", help="train a TokenFlow tokenizer or FlowTok (DDP under torchrun)")
+    from .train import cli as train_cli  # noqa: PLC0415
+
+    train_cli.add_arguments(tr)
+    tr.set_defaults(func=train_cli.run)
     i = sub.add_parser("info", help="versions, CUDA build, GPU, installed peers")
     i.set_defaults(func=info)
     args = parser.parse_args(argv)

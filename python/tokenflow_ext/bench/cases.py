@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import torch
 
-from . import codebook, flow, models
+from . import codebook, flow, models, train
 from .codebook import CodebookProblem, MultiScaleProblem
 from .flow import FlowProblem
 from .models import FlowTokSampleProblem, TokenizerProblem
+from .train import TrainStepProblem
 
 FAMILIES = ["search", "gather", "quantize", "multiscale", "flow_train", "flow_step", "flow_loop", "tokenizer",
-            "flowtok"]
+            "flowtok", "train"]
 CODEBOOK_FAMILIES = {"search", "gather", "quantize", "multiscale"}
 
 RUNNERS = {
@@ -23,8 +24,9 @@ RUNNERS = {
     "flow_loop": flow.run_flow_loop_case,
     "tokenizer": models.run_tokenizer_case,
     "flowtok": models.run_flowtok_sample_case,
+    "train": train.run_train_case,
 }
-MODEL_FAMILIES = {"multiscale", "tokenizer", "flowtok"}  # whole-model cases: full grid only, not --sizes
+MODEL_FAMILIES = {"multiscale", "tokenizer", "flowtok", "train"}  # whole-model cases: full grid only, not --sizes
 
 FLOWTOK, WIDE = (256, 77, 16), (64, 4096, 64)
 
@@ -55,6 +57,7 @@ def grid(mode: str) -> list[tuple[str, object]]:
                   ("flow_loop", FlowProblem(shape, steps=50))]
     cases += [("tokenizer", TokenizerProblem("clipb_256", enhanced_decoder=True)),
               ("tokenizer", TokenizerProblem("siglip_384")), ("flowtok", FlowTokSampleProblem("B", 64))]
+    cases += [("train", TrainStepProblem("clipb_256", 2)), ("train", TrainStepProblem("siglip_384", 1))]
     return cases
 
 
@@ -99,7 +102,7 @@ def problem_size(problem) -> int:
         return problem.n * problem.k
     if isinstance(problem, FlowTokSampleProblem):
         return problem.batch * problem.steps * 77 * 16
-    if isinstance(problem, TokenizerProblem):
+    if isinstance(problem, (TokenizerProblem, TrainStepProblem)):
         from tokenflow_ext.models.tokenflow import CONFIGS  # noqa: PLC0415
 
         return problem.batch * CONFIGS[problem.config].tokens_per_image * CONFIGS[problem.config].codebook_size

@@ -154,11 +154,30 @@ def load_checked(model: nn.Module, state: Mapping[str, torch.Tensor], *, strict:
     return missing, unexpected
 
 
-def write_checkpoint(path: str | os.PathLike, state: Mapping[str, torch.Tensor], metadata: Mapping[str, Any]) -> str:
+def write_checkpoint(path: str | os.PathLike, state: Mapping[str, torch.Tensor], metadata: Mapping[str, Any],
+                     extra: Mapping[str, Any] | None = None) -> str:
     """Write ``state`` with ``metadata`` (JSON-able): safetensors for a ``.safetensors`` path, else a
     ``torch.save`` dict ``{"model": state, "tokenflow_ext": metadata}`` that :func:`read_checkpoint` and
-    the official loaders (which look for ``"model"``) both read."""
+    the official loaders (which look for ``"model"``) both read.
+
+    ``extra`` entries (torch files only; e.g. a trainer's ``ema``, optimizer and RNG states) are stored
+    beside ``"model"``. The file is written atomically: to a temporary file in the same folder, then
+    renamed over ``path``, so an interrupted write leaves any previous file at ``path`` intact."""
     path = os.fspath(path)
+    if extra and path.endswith(".safetensors"):
+        raise ValueError("write_checkpoint: extra entries need a torch file, not .safetensors")
+    temporary = f"{path}.tmp-{os.getpid()}"
+    try:
+        _write(temporary, path, state, metadata, extra)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+    return path
+
+
+def _write(target: str, path: str, state: Mapping[str, torch.Tensor], metadata: Mapping[str, Any],
+           extra: Mapping[str, Any] | None) -> None:
     tensors = {key: value.detach().contiguous().cpu() for key, value in state.items()}
     text_metadata = {key: value if isinstance(value, str) else json.dumps(value) for key, value in metadata.items()}
     if path.endswith(".safetensors"):
@@ -166,7 +185,6 @@ def write_checkpoint(path: str | os.PathLike, state: Mapping[str, torch.Tensor],
             from safetensors.torch import save_file
         except ImportError as error:
             raise ImportError("writing .safetensors needs the safetensors package (pip install safetensors)") from error
-        save_file(tensors, path, metadata=text_metadata)
+        save_file(tensors, target, metadata=text_metadata)
     else:
-        torch.save({"model": tensors, "tokenflow_ext": text_metadata}, path)
-    return path
+        torch.save({"model": tensors, "tokenflow_ext": text_metadata, **(extra or {})}, target)

@@ -1,0 +1,117 @@
+"""``python -m tokenflow_ext train {tokenizer,flowtok} ...`` (also under ``torchrun --nproc-per-node N -m
+tokenflow_ext train ...``): parse the flags into a trainer config and run it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+def _common(parser: argparse.ArgumentParser, *, lr: float, ema: float) -> None:
+    parser.add_argument("--data", required=True, metavar="DIR", help="training data folder (searched recursively)")
+    parser.add_argument("--out", dest="out_dir", default="runs/train", metavar="DIR",
+                        help="run folder: log.csv, log.jsonl, samples/, checkpoints/ (default runs/train)")
+    parser.add_argument("--steps", type=int, default=1000, help="optimizer steps in total (default 1000)")
+    parser.add_argument("--batch-size", type=int, default=8, help="global batch over processes and accumulation")
+    parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches accumulated per step")
+    parser.add_argument("--lr", type=float, default=lr, help=f"learning rate (default {lr})")
+    parser.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0: off)")
+    parser.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                        help="autocast dtype (auto: bf16 on CUDA, fp32 on the CPU)")
+    parser.add_argument("--ema-decay", type=float, default=ema, help=f"EMA of the weights (0: off; default {ema})")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num-workers", type=int, default=2, help="data-loader worker processes per rank")
+    parser.add_argument("--log-every", type=int, default=10)
+    parser.add_argument("--eval-every", type=int, default=500, help="evaluation period in steps (0: off)")
+    parser.add_argument("--eval-data", metavar="DIR", help="held-out folder (default: the first training samples)")
+    parser.add_argument("--eval-count", type=int, default=8, help="samples evaluated")
+    parser.add_argument("--ckpt-every", type=int, default=500, help="checkpoint period in steps (0: only at the end)")
+    parser.add_argument("--resume", metavar="PATH", help="a run folder or checkpoint to continue from")
+    parser.add_argument("--device", help="cpu or cuda (default: cuda when visible)")
+    parser.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="model", required=True)
+    t = sub.add_parser("tokenizer", help="train or fine-tune a TokenFlow tokenizer")
+    t.add_argument("--config", default="clipb_256",
+                   help="clipb_224, clipb_256, siglip_384 or a .json of TokenFlowConfig fields (\"base\": a name)")
+    t.add_argument("--init", metavar="PATH", help="tokenizer weights to start from (official .pt or save_pretrained)")
+    t.add_argument("--teacher", metavar="PATH", help="frozen semantic teacher weights (see the README)")
+    t.add_argument("--vgg-weights", metavar="PATH", help="torchvision vgg16-397923af.pth (for LPIPS)")
+    t.add_argument("--lpips-weights", metavar="PATH", help="LPIPS linear heads vgg.pth")
+    t.add_argument("--reconstruction-loss", choices=["l2", "l1"], default="l2")
+    t.add_argument("--reconstruction-weight", type=float, default=1.0)
+    t.add_argument("--perceptual-weight", type=float, default=1.0, help="LPIPS weight (0: no LPIPS files needed)")
+    t.add_argument("--semantic-weight", type=float, default=1.0, help="teacher distillation weight (0: no teacher)")
+    t.add_argument("--disc-weight", type=float, default=0.5)
+    t.add_argument("--disc-start", type=int, default=20000, help="step from which the GAN losses count")
+    t.add_argument("--disc-loss", choices=["hinge", "vanilla", "non-saturating"], default="hinge")
+    t.add_argument("--gen-loss", choices=["hinge", "non-saturating"], default="hinge")
+    t.add_argument("--disc-adaptive-weight", action="store_true", help="VQGAN's adaptive GAN weight (off officially)")
+    t.add_argument("--disc-dim", type=int, default=64)
+    t.add_argument("--finetune-decoder", action="store_true", help="train only decoder.* (official fine-tuning)")
+    t.add_argument("--enhanced-decoder", action="store_true", help="the 2x decoder (with --finetune-decoder)")
+    t.add_argument("--no-augment", action="store_true", help="centre crops, no flips")
+    _common(t, lr=1e-4, ema=0.0)
+    f = sub.add_parser("flowtok", help="train FlowTok's flow transformer")
+    f.add_argument("--preset", default="XL", help="S, B, L, XL, H, or depth,width,heads")
+    f.add_argument("--flow-kwargs", type=json.loads, default={}, help="JSON of FlowTransformer options")
+    f.add_argument("--init", metavar="PATH", help="flow-transformer weights to start from")
+    f.add_argument("--flowtitok", metavar="PATH", help="FlowTiTok weights (needed for image folders)")
+    f.add_argument("--clip-text", metavar="PATH", help="CLIP text-encoder weights (for captions / token ids)")
+    f.add_argument("--image-size", type=int, default=256)
+    f.add_argument("--weight-decay", type=float, default=0.03)
+    f.add_argument("--warmup-steps", type=int, default=5000)
+    f.add_argument("--no-gradient-checkpointing", action="store_true")
+    _common(f, lr=4e-4, ema=0.9999)
+
+
+def _loop_fields(args) -> dict:
+    return dict(data=args.data, out_dir=args.out_dir, steps=args.steps, batch_size=args.batch_size,
+                grad_accum=args.grad_accum, lr=args.lr, max_grad_norm=args.max_grad_norm, precision=args.precision,
+                ema_decay=args.ema_decay, seed=args.seed, num_workers=args.num_workers, log_every=args.log_every,
+                eval_every=args.eval_every, eval_data=args.eval_data, eval_count=args.eval_count,
+                ckpt_every=args.ckpt_every, resume=args.resume, device=args.device, progress=not args.no_progress)
+
+
+def _preset(text: str):
+    """``"XL"`` or ``"depth,width,heads"``."""
+    return tuple(int(part) for part in text.split(",")) if "," in text else text
+
+
+def run(args) -> int:
+    from ..models._checkpoint import StateDictMismatchError  # noqa: PLC0415
+    from .data import DataError  # noqa: PLC0415
+
+    try:
+        if args.model == "tokenizer":
+            from .tokenizer import TokenizerTrainConfig, train_tokenizer  # noqa: PLC0415
+
+            config = TokenizerTrainConfig(
+                **_loop_fields(args), config=args.config, init=args.init, teacher=args.teacher,
+                vgg_weights=args.vgg_weights, lpips_weights=args.lpips_weights,
+                reconstruction_loss=args.reconstruction_loss, reconstruction_weight=args.reconstruction_weight,
+                perceptual_weight=args.perceptual_weight, semantic_weight=args.semantic_weight,
+                disc_weight=args.disc_weight, disc_start=args.disc_start, disc_loss=args.disc_loss,
+                gen_loss=args.gen_loss, disc_adaptive_weight=args.disc_adaptive_weight, disc_dim=args.disc_dim,
+                finetune_decoder=args.finetune_decoder, enhanced_decoder=args.enhanced_decoder,
+                random_crop=not args.no_augment, flip=not args.no_augment)
+            last = train_tokenizer(config)
+        else:
+            from .flowtok import FlowTokTrainConfig, train_flowtok  # noqa: PLC0415
+
+            config = FlowTokTrainConfig(
+                **_loop_fields(args), preset=_preset(args.preset), flow_kwargs=args.flow_kwargs, init=args.init,
+                flowtitok=args.flowtitok, clip_text=args.clip_text, image_size=args.image_size,
+                weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
+                gradient_checkpointing=not args.no_gradient_checkpointing)
+            last = train_flowtok(config)
+    except (DataError, FileNotFoundError, ValueError, ImportError, StateDictMismatchError) as error:
+        print(f"train {args.model}: error: {error}", file=sys.stderr)
+        return 2
+    if last and os.environ.get("RANK", "0") == "0":
+        print("last: " + ", ".join(f"{k}={v:.4g}" for k, v in last.items() if isinstance(v, (int, float))))
+    return 0

@@ -1,0 +1,451 @@
+"""The pieces every trainer shares: one distributed setup, seeding, EMA, mixed precision, one logger, one
+checkpoint writer (``models/_checkpoint.write_checkpoint``, atomic) and the step loop with gradient
+accumulation, resumable data position, periodic evaluation and checkpoints.
+
+A trainer subclasses :class:`Trainer` and fills in ``train_step`` (one optimisation step over a list of
+micro-batches), ``evaluate``, ``model_state`` / ``extra_state`` / ``load_extra_state``.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import dataclasses
+import datetime
+import json
+import os
+import random
+import sys
+import time
+from contextlib import nullcontext
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader
+
+from ..models._checkpoint import _torch_load, check_file, write_checkpoint
+from .data import DataError, ResumableSampler, collate_skipping
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+# ------------------------------------------------------------------------------------------ distributed
+
+@dataclasses.dataclass
+class DistributedSetup:
+    """World size, rank and device of this process. Under ``torchrun`` (``WORLD_SIZE`` > 1 in the
+    environment) the default process group is created: gloo on the CPU, NCCL on CUDA."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    owns_group: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @classmethod
+    def from_environment(cls, device: str | None = None) -> "DistributedSetup":
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        target = torch.device(device)
+        if target.type == "cuda":
+            target = torch.device("cuda", local_rank % max(1, torch.cuda.device_count()))
+            torch.cuda.set_device(target)
+        owns = False
+        if world > 1 and dist.is_available() and not dist.is_initialized():
+            dist.init_process_group("nccl" if target.type == "cuda" else "gloo",
+                                    timeout=datetime.timedelta(minutes=30))
+            owns = True
+        if dist.is_available() and dist.is_initialized():
+            rank, world = dist.get_rank(), dist.get_world_size()
+        return cls(rank, world, local_rank, target, owns)
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    def mean(self, value: float) -> float:
+        if not self.distributed:
+            return float(value)
+        tensor = torch.tensor(float(value), dtype=torch.float64,
+                              device=self.device if self.device.type == "cuda" else "cpu")
+        dist.all_reduce(tensor)
+        return float(tensor) / self.world_size
+
+    def total(self, value: int) -> int:
+        if not self.distributed:
+            return int(value)
+        tensor = torch.tensor(int(value), dtype=torch.int64, device=self.device if self.device.type == "cuda" else "cpu")
+        dist.all_reduce(tensor)
+        return int(tensor)
+
+    def gather(self, value: Any) -> list[Any]:
+        """Every rank's ``value`` (a picklable object), in rank order, on every rank."""
+        if not self.distributed:
+            return [value]
+        values: list[Any] = [None] * self.world_size
+        dist.all_gather_object(values, value)
+        return values
+
+    def close(self) -> None:
+        if self.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch (all devices), numpy and Python's ``random`` (call with a per-rank seed)."""
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    """Every global RNG state, in types ``torch.load(weights_only=True)`` reads back."""
+    kind, keys, position, gaussian, cached = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
+                       "has_gauss": int(gaussian), "gauss": float(cached)}}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    numpy_state = state["numpy"]
+    np.random.set_state(("MT19937", numpy_state["keys"].numpy().astype(np.uint32), numpy_state["position"],
+                         numpy_state["has_gauss"], numpy_state["gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+
+
+# ------------------------------------------------------------------------------------------ EMA, precision
+
+class ModelEMA:
+    """Exponential moving average of a model's parameters (official ``update_ema``: ``ema = d ema + (1-d) p``
+    over ``named_parameters``; buffers are copied). The copy is frozen and in eval mode."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
+        self.decay = decay
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, decay: float | None = None) -> None:
+        decay = self.decay if decay is None else decay
+        ema_params = dict(self.module.named_parameters())
+        for name, param in model.named_parameters():
+            ema_params[name].mul_(decay).add_(param.detach(), alpha=1 - decay)
+        ema_buffers = dict(self.module.named_buffers())
+        for name, buffer in model.named_buffers():
+            ema_buffers[name].copy_(buffer)
+
+
+def autocast(device: torch.device, precision: str):
+    """bf16/fp16 autocast on ``device``; ``fp32``: none."""
+    if precision == "fp32":
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+def grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler:
+    """A loss scaler, active only for fp16 (otherwise a no-op with the same interface)."""
+    return torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+# ------------------------------------------------------------------------------------------ logging
+
+class RunLogger:
+    """Rank 0 writes every logged row to ``log.jsonl`` and to a CSV per kind (``log.csv`` for training rows,
+    ``eval.csv`` for evaluations; the columns are those of the kind's first row, or of the existing file's
+    header when a resumed run appends), plus TensorBoard scalars when ``tensorboard`` is installed and
+    ``tensorboard=True``. Other ranks log nothing."""
+
+    def __init__(self, out_dir: str, enabled: bool, tensorboard: bool = True):
+        self.enabled = enabled
+        self.out_dir = out_dir
+        self._writer = None
+        self._fields: dict[str, list[str]] = {}
+        if enabled and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415
+
+                self._writer = SummaryWriter(os.path.join(out_dir, "tensorboard"))
+            except Exception:  # tensorboard not installed
+                self._writer = None
+
+    def log(self, step: int, row: dict[str, Any], kind: str = "train") -> None:
+        if not self.enabled:
+            return
+        row = {"step": step, "kind": kind, **{k: (float(v) if isinstance(v, (int, float, torch.Tensor)) else v)
+                                              for k, v in row.items()}}
+        with open(os.path.join(self.out_dir, "log.jsonl"), "a") as handle:
+            handle.write(json.dumps(row) + "\n")
+        path = os.path.join(self.out_dir, "log.csv" if kind == "train" else f"{kind}.csv")
+        new_file = not os.path.exists(path) or os.path.getsize(path) == 0
+        if kind not in self._fields:
+            if new_file:
+                self._fields[kind] = list(row)
+            else:
+                with open(path, newline="") as handle:
+                    self._fields[kind] = next(csv.reader(handle))
+        with open(path, "a", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=self._fields[kind], extrasaction="ignore")
+            if new_file:
+                writer.writeheader()
+            writer.writerow(row)
+        if self._writer is not None:
+            for key, value in row.items():
+                if isinstance(value, float):
+                    self._writer.add_scalar(f"{kind}/{key}", value, step)
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+
+
+# ------------------------------------------------------------------------------------------ the loop
+
+@dataclasses.dataclass
+class LoopConfig:
+    """What every run has. ``batch_size`` is global (over ranks and accumulation)."""
+
+    data: str = ""
+    out_dir: str = "runs/train"
+    steps: int = 1000
+    batch_size: int = 8
+    grad_accum: int = 1
+    max_grad_norm: float = 1.0
+    precision: str = "auto"  # auto: bf16 on CUDA, fp32 on the CPU
+    ema_decay: float = 0.0  # 0: no EMA
+    seed: int = 0
+    num_workers: int = 2
+    log_every: int = 10
+    eval_every: int = 500
+    ckpt_every: int = 500
+    eval_data: str | None = None
+    eval_count: int = 8
+    resume: str | None = None
+    device: str | None = None
+    progress: bool = True
+    tensorboard: bool = True
+
+    def resolved_precision(self, device: torch.device) -> str:
+        precision = self.precision
+        if precision == "auto":
+            return "bf16" if device.type == "cuda" else "fp32"
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {('auto',) + PRECISIONS}, got {precision!r}")
+        return precision
+
+
+class Trainer:
+    """The step loop. Subclasses set ``self.model`` (possibly DDP-wrapped), ``self.dataset`` and implement
+    the hooks. ``run()`` trains to ``config.steps`` and returns the last logged row."""
+
+    name = "train"
+
+    def __init__(self, config: LoopConfig, setup: DistributedSetup | None = None):
+        self.config = config
+        self.setup = setup or DistributedSetup.from_environment(config.device)
+        self.device = self.setup.device
+        self.precision = config.resolved_precision(self.device)
+        if config.steps < 0:
+            raise ValueError(f"steps must be >= 0, got {config.steps}")
+        if config.grad_accum < 1:
+            raise ValueError(f"grad_accum must be >= 1, got {config.grad_accum}")
+        per_rank, remainder = divmod(config.batch_size, self.setup.world_size)
+        if remainder or per_rank == 0 or per_rank % config.grad_accum:
+            raise ValueError(f"the global batch {config.batch_size} must split evenly over {self.setup.world_size} "
+                             f"process(es) and {config.grad_accum} accumulation step(s)")
+        self.per_rank_batch = per_rank
+        self.micro_batch = per_rank // config.grad_accum
+        self.seed_rank()
+        self.step = 0
+        self.epoch = 0
+        self.batch_in_epoch = 0
+        self.skipped = 0
+        if self.setup.is_main:
+            os.makedirs(config.out_dir, exist_ok=True)
+        self.setup.barrier()
+        self.logger = RunLogger(config.out_dir, self.setup.is_main, config.tensorboard)
+
+    def seed_rank(self) -> None:
+        """Seed every global RNG with ``seed * 1000 + rank``: deterministic, different per rank. Trainers call
+        it again after building their model from ``seed`` (the same initial weights on every rank)."""
+        seed_everything(self.config.seed * 1000 + self.setup.rank)
+
+    # -------------------------------------------------------------------- hooks
+    def train_step(self, micro_batches: list) -> dict[str, float]:
+        raise NotImplementedError
+
+    def evaluate(self) -> dict[str, float]:
+        return {}
+
+    def model_state(self) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def metadata(self) -> dict[str, Any]:
+        return {}
+
+    def extra_state(self) -> dict[str, Any]:
+        return {}
+
+    def per_rank_state(self) -> dict[str, Any]:
+        """This rank's own state that a resume must restore on the same rank (e.g. a private generator);
+        gathered from every rank when a checkpoint is written."""
+        return {}
+
+    def load_per_rank_state(self, state: dict[str, Any]) -> None:
+        pass
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        pass
+
+    # -------------------------------------------------------------------- data
+    def make_loader(self, dataset) -> DataLoader:
+        if len(dataset) < self.config.batch_size:
+            raise DataError(f"{type(dataset).__name__}: {len(dataset)} samples, fewer than the global batch "
+                            f"{self.config.batch_size}")
+        self.sampler = ResumableSampler(dataset, self.setup.world_size, self.setup.rank, shuffle=True,
+                                        seed=self.config.seed, drop_last=True)
+        return DataLoader(dataset, batch_size=self.per_rank_batch, sampler=self.sampler,
+                          num_workers=self.config.num_workers, collate_fn=collate_skipping, drop_last=True,
+                          pin_memory=self.device.type == "cuda")
+
+    def _batches(self, dataset):
+        loader = self.make_loader(dataset)
+        while True:
+            self.sampler.set_epoch(self.epoch)
+            if hasattr(dataset, "set_epoch"):
+                dataset.set_epoch(self.epoch)
+            self.sampler.start = self.batch_in_epoch * self.per_rank_batch
+            for batch, skipped in loader:
+                self.batch_in_epoch += 1
+                self.skipped += skipped
+                yield batch
+            self.epoch += 1
+            self.batch_in_epoch = 0
+
+    def split(self, batch):
+        """A per-rank batch -> ``grad_accum`` micro-batches (tensors, or tuples/lists of them)."""
+        size = self.micro_batch
+        count = len(batch[0]) if isinstance(batch, (tuple, list)) else len(batch)
+        chunks = []
+        for start in range(0, count, size):
+            if isinstance(batch, (tuple, list)):
+                chunks.append(type(batch)(part[start:start + size] for part in batch))
+            else:
+                chunks.append(batch[start:start + size])
+        return chunks
+
+    # -------------------------------------------------------------------- checkpoints
+    def checkpoint_path(self, step: int | None = None) -> str:
+        folder = os.path.join(self.config.out_dir, "checkpoints")
+        return os.path.join(folder, "last.pt" if step is None else f"step_{step:07d}.pt")
+
+    def save_checkpoint(self) -> str | None:
+        """Rank 0 writes ``checkpoints/step_NNNNNNN.pt`` and ``checkpoints/last.pt`` (each atomically)."""
+        path = None
+        ranks = self.setup.gather({"rng": rng_state(), **self.per_rank_state()})  # collective: every rank
+        if self.setup.is_main:
+            os.makedirs(os.path.dirname(self.checkpoint_path()), exist_ok=True)
+            extra = {"trainer": self.name, "step": self.step, "epoch": self.epoch,
+                     "batch_in_epoch": self.batch_in_epoch, "skipped": self.skipped, "ranks": ranks,
+                     "world_size": self.setup.world_size, **self.extra_state()}
+            path = write_checkpoint(self.checkpoint_path(self.step), self.model_state(), self.metadata(), extra)
+            write_checkpoint(self.checkpoint_path(), self.model_state(), self.metadata(), extra)
+        self.setup.barrier()
+        return path
+
+    def resume_from(self, path: str) -> None:
+        """Restore everything :meth:`save_checkpoint` wrote, each rank taking its own RNG states back.
+        Exact continuation needs the same number of processes; with another number the run goes on from
+        the same step and data position with freshly seeded per-rank RNGs (and a warning)."""
+        if os.path.isdir(path):
+            path = os.path.join(path, "checkpoints", "last.pt") if os.path.isdir(os.path.join(path, "checkpoints")) \
+                else os.path.join(path, "last.pt")
+        check_file(path, "--resume checkpoint")
+        state = _torch_load(path, "cpu")
+        if state.get("trainer") != self.name:
+            raise ValueError(f"--resume {path}: a {state.get('trainer')!r} checkpoint, not a {self.name!r} one")
+        self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        self.skipped = state.get("skipped", 0)
+        self.load_extra_state(state)
+        if self.setup.world_size == state.get("world_size", 1):
+            own = state["ranks"][self.setup.rank]
+            set_rng_state(own["rng"])
+            self.load_per_rank_state(own)
+        else:
+            import warnings  # noqa: PLC0415
+
+            warnings.warn(f"--resume: the checkpoint was written by {state.get('world_size')} process(es), this run "
+                          f"has {self.setup.world_size}: the data position is kept, the random streams restart",
+                          RuntimeWarning, stacklevel=2)
+            seed_everything(self.config.seed * 1000 + self.setup.rank + 7919 * self.step)
+
+    # -------------------------------------------------------------------- run
+    def run(self) -> dict[str, float]:
+        config = self.config
+        if config.resume:
+            self.resume_from(config.resume)
+        batches = self._batches(self.dataset)
+        last: dict[str, float] = {}
+        from tqdm.auto import tqdm  # noqa: PLC0415
+
+        bar = tqdm(total=config.steps, initial=self.step, desc=f"train {self.name}", unit="step",
+                   disable=not (config.progress and self.setup.is_main), file=sys.stderr)
+        window_start, window_steps = time.perf_counter(), 0
+        try:
+            while self.step < config.steps:
+                batch = next(batches)
+                if batch is None:  # every sample of this batch was unreadable
+                    continue
+                row = self.train_step(self.split(batch))
+                self.step += 1
+                window_steps += 1
+                bar.update(1)
+                if self.step % config.log_every == 0 or self.step == config.steps:
+                    row = {key: self.setup.mean(value) for key, value in row.items()}
+                    elapsed = time.perf_counter() - window_start
+                    row["steps_per_s"] = window_steps / elapsed if elapsed > 0 else 0.0
+                    row["skipped"] = self.setup.total(self.skipped)
+                    row["lr"] = self.current_lr()
+                    self.logger.log(self.step, row)
+                    bar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k in ("loss", "rec_loss", "flow")})
+                    window_start, window_steps, last = time.perf_counter(), 0, row
+                if config.eval_every and (self.step % config.eval_every == 0 or self.step == config.steps):
+                    evaluation = self.evaluate()
+                    if evaluation:
+                        self.logger.log(self.step, evaluation, kind="eval")
+                        last = {**last, **{f"eval_{k}": v for k, v in evaluation.items()}}
+                if config.ckpt_every and (self.step % config.ckpt_every == 0 or self.step == config.steps):
+                    self.save_checkpoint()
+        finally:
+            bar.close()
+            self.logger.close()
+        return last
+
+    def current_lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"]) if hasattr(self, "optimizer") else 0.0
