@@ -114,6 +114,11 @@ def main(argv=None) -> int:
 
     tokenize_cli.add_arguments(t)
     t.set_defaults(func=tokenize_cli.run)
+    g = sub.add_parser("generate", help="TokenFlow text-to-image: prompts -> PNGs")
+    from .models.tokenflow import t2i_cli  # noqa: PLC0415
+
+    t2i_cli.add_arguments(g)
+    g.set_defaults(func=t2i_cli.run)
     i = sub.add_parser("info", help="versions, CUDA build, GPU, installed peers")
     i.set_defaults(func=info)
     args = parser.parse_args(argv)
