@@ -260,6 +260,10 @@ def test_t2i_generate_with_the_fused_sampler():
     out = model.generate(PREFIX[:2], sampler="fused", seed=1, **kwargs)
     assert out.codes.shape == (2, 14) and out.codes.min() >= 0 and out.codes.max() < K
     assert torch.equal(out.codes, model.generate(PREFIX[:2], sampler="fused", seed=1, **kwargs).codes)
+    # greedy: the fused path (head over the image rows only) and the official ops pick the same codes
+    greedy = dict(negative_prompt=PREFIX[2:], refinement="loop2", cfg=3.0, top_k=1)
+    assert torch.equal(tiny_model().generate(PREFIX[:2], sampler="fused", seed=0, **greedy).codes,
+                       tiny_model().generate(PREFIX[:2], seed=5, **greedy).codes)
     assert resolve_sampler(None) is sample_scale and resolve_sampler("python") is sample_scale
     assert resolve_sampler("fused") is sample_scale_fused
     with pytest.raises(ValueError, match="sampler"):

@@ -82,6 +82,10 @@ def sample_scale_fused(logits: torch.Tensor, *, guidance: float, top_k: int, top
     return codes
 
 
+# TokenFlowT2I.sample_codes hands this sampler the image-id logits alone (image_token_start = 0).
+sample_scale_fused.image_logits_only = True
+
+
 # ---- fake kernel ----------------------------------------------------------------------------------------
 
 @torch.library.register_fake("tokenflow_ext::sample_logits")

@@ -69,6 +69,7 @@ class ScaleProgress:
 
     def __init__(self, sampler, scales, passes: int, bar):
         self.sampler, self.bar, self.passes = sampler, bar, passes
+        self.image_logits_only = getattr(sampler, "image_logits_only", False)  # keep the sampler's head contract
         self.scale_of_count = {s * s: i for i, s in enumerate(scales)}
         self.seen: dict[int, int] = {}
 
