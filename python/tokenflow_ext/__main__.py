@@ -100,9 +100,10 @@ def main(argv=None) -> int:
     b.add_argument("--sizes", metavar="LIST",
                    help="override the grid: comma-separated NxK (codebook families) and BxLxD (flow families)")
     b.add_argument("--families", type=_families, default=["search", "gather", "quantize", "multiscale", "flow_train",
-                                                           "flow_step", "flow_loop", "tokenizer", "flowtok"],
+                                                           "flow_step", "flow_loop", "tokenizer", "flowtok", "t2i"],
                    help="comma-separated subset of search,gather,quantize,multiscale,flow_train,flow_step,flow_loop,"
-                        "tokenizer,flowtok (multiscale, tokenizer, flowtok: whole models, --full only)")
+                        "tokenizer,flowtok,t2i (multiscale, tokenizer, flowtok: whole models, --full only; t2i: the "
+                        "sample_logits op, plus the t2i sampling loops with --full)")
     b.add_argument("--repeats", type=int, default=5, help="timed samples per implementation (median reported)")
     b.add_argument("--markdown", metavar="PATH", help="write the table as Markdown (benchmarks/results/ form)")
     b.add_argument("--json", metavar="PATH", help="write every row as JSON")

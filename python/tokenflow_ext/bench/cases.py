@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import torch
 
-from . import codebook, flow, models
+from . import codebook, flow, models, t2i
 from .codebook import CodebookProblem, MultiScaleProblem
 from .flow import FlowProblem
 from .models import FlowTokSampleProblem, TokenizerProblem
+from .t2i import SampleOpProblem, T2IProblem
 
 FAMILIES = ["search", "gather", "quantize", "multiscale", "flow_train", "flow_step", "flow_loop", "tokenizer",
-            "flowtok"]
+            "flowtok", "t2i"]
 CODEBOOK_FAMILIES = {"search", "gather", "quantize", "multiscale"}
 
 RUNNERS = {
@@ -23,14 +24,16 @@ RUNNERS = {
     "flow_loop": flow.run_flow_loop_case,
     "tokenizer": models.run_tokenizer_case,
     "flowtok": models.run_flowtok_sample_case,
+    "t2i": t2i.run_t2i_case,
 }
-MODEL_FAMILIES = {"multiscale", "tokenizer", "flowtok"}  # whole-model cases: full grid only, not --sizes
+MODEL_FAMILIES = {"multiscale", "tokenizer", "flowtok", "t2i"}  # whole-model cases: full grid only, not --sizes
 
 FLOWTOK, WIDE = (256, 77, 16), (64, 4096, 64)
 
 
 def grid(mode: str) -> list[tuple[str, object]]:
     """(family, problem) pairs. quick: seconds; default: about a minute on 2 cores; full: PERF.md's grid."""
+    t2i_op = [("t2i", SampleOpProblem()), ("t2i", SampleOpProblem(top_k=1200, top_p=0.8))]
     if mode == "quick":
         return [("search", CodebookProblem(2048, 4096)), ("gather", CodebookProblem(16384, 8192)),
                 ("quantize", CodebookProblem(1024, 4096)), ("flow_train", FlowProblem(FLOWTOK)),
@@ -40,7 +43,7 @@ def grid(mode: str) -> list[tuple[str, object]]:
                 ("gather", CodebookProblem(65536, 32768)), ("quantize", CodebookProblem(2048, 8192)),
                 ("flow_train", FlowProblem(FLOWTOK)), ("flow_step", FlowProblem(FLOWTOK)),
                 ("flow_step", FlowProblem(FLOWTOK, torch.bfloat16)), ("flow_step", FlowProblem(WIDE)),
-                ("flow_loop", FlowProblem(FLOWTOK))]
+                ("flow_loop", FlowProblem(FLOWTOK))] + t2i_op[:1]
     cases = [("search", CodebookProblem(8192, 16384)), ("search", CodebookProblem(8192, 16384, pixel_weight=1.0)),
              ("search", CodebookProblem(729, 32768)), ("search", CodebookProblem(8192, 16384, 8, 0)),
              ("search", CodebookProblem(65536, 32768)), ("gather", CodebookProblem(65536, 32768)),
@@ -53,6 +56,7 @@ def grid(mode: str) -> list[tuple[str, object]]:
                   ("flow_loop", FlowProblem(shape, steps=50))]
     cases += [("tokenizer", TokenizerProblem("clipb_256", enhanced_decoder=True)),
               ("tokenizer", TokenizerProblem("siglip_384")), ("flowtok", FlowTokSampleProblem("B", 64))]
+    cases += t2i_op + [("t2i", T2IProblem(refinement="loop1")), ("t2i", T2IProblem(refinement="loop3"))]
     return cases
 
 
@@ -95,6 +99,10 @@ def problem_size(problem) -> int:
     """The x axis of the speedup plot: N*K for codebook cases, elements for flow cases."""
     if isinstance(problem, CodebookProblem):
         return problem.n * problem.k
+    if isinstance(problem, T2IProblem):
+        return problem.batch * 817
+    if isinstance(problem, SampleOpProblem):
+        return 2 * problem.batch * problem.positions * problem.vocab
     if isinstance(problem, FlowTokSampleProblem):
         return problem.batch * problem.steps * 77 * 16
     if isinstance(problem, TokenizerProblem):
