@@ -42,7 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="official tokenizer config; auto (default): the file's own config if it stores one "
                              "(save_pretrained), else clipb_256 (the t2i model's tokenizer)")
     parser.add_argument("--enhanced-decoder", action="store_true",
-                        help="the tokenizer file has the enhanced pixel decoder (tokenflow_clipb_32k_enhanced.pt)")
+                        help="the tokenizer file has the enhanced pixel decoder (implied by 'enhanced' in the file name, as "
+                             "tokenflow_clipb_32k_enhanced.pt)")
     parser.add_argument("--text-tokenizer", metavar="DIR", help="prompt tokenizer folder (default: --t2i-checkpoint)")
     parser.add_argument("--out", default="out", metavar="DIR", help="where the PNGs go (created)")
     parser.add_argument("--negative-prompt", default=OFFICIAL_NEGATIVE_PROMPT)
@@ -113,7 +114,9 @@ def _run(args: argparse.Namespace) -> int:
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
 
     started = time.perf_counter()
-    overrides = {"enhanced_decoder": True} if args.enhanced_decoder else {}
+    # the official file name says it (tokenflow_clipb_32k_enhanced.pt); files from save_pretrained store it
+    enhanced = args.enhanced_decoder or "enhanced" in os.path.basename(args.tokenizer_checkpoint)
+    overrides = {"enhanced_decoder": True} if enhanced else {}
     config = None if args.tokenizer_config == "auto" else args.tokenizer_config
     try:
         try:
