@@ -116,8 +116,11 @@ def run_t2i_model_case(problem: T2IProblem, device: str, *, repeats: int = 1) ->
         codes = runs[0][0]
         ours_ms = sorted(ms for _, ms in runs)[len(runs) // 2]
         if name == "cached":
+            # float32: the cached and the recomputed logits differ by rounding, which can flip a draw at a
+            # top-k / top-p / CDF boundary and then the later scales (tests/test_t2i.py checks exact equality
+            # in float64)
             equal = float((codes == official_codes).double().mean())
-            ok, text = equal == 1.0, f"{equal:.2%} codes equal"
+            ok, text = equal >= 0.99, f"{equal:.2%} codes equal"
         else:
             ok = bool(codes.min() >= 0 and codes.max() < 32768)
             text = "own Philox stream, codes in range" if ok else "FAIL: codes out of range"
