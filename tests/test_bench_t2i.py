@@ -15,7 +15,8 @@ def test_sample_op_case_checks_the_kept_set():
 def test_model_case_reports_tokens_and_images_per_second():
     torch.set_num_threads(1)
     rows = run_t2i_case(T2IProblem(layers=1, width=64, batch=1, refinement="loop1", prefix=6), "cpu")
-    assert [row.note for row in rows] == ["cached", "cached-fused"]
+    assert [row.extra["sampler"] for row in rows] == ["cached", "cached-fused"]
+    assert rows[1].shape.endswith(", cached-fused")
     assert all(row.ok for row in rows), [row.agreement for row in rows]
     assert "100.00% codes equal" in rows[0].agreement and "images/s" in rows[1].agreement
     assert rows[0].extra["tokens_per_s"] > 0 and rows[1].extra["baseline_images_per_s"] > 0

@@ -126,9 +126,9 @@ def run_t2i_model_case(problem: T2IProblem, device: str, *, repeats: int = 1) ->
             text = "own Philox stream, codes in range" if ok else "FAIL: codes out of range"
         rate = problem.batch / ours_ms * 1e3
         base_rate = problem.batch / official_ms * 1e3
-        rows.append(Row(family="t2i sampling", shape=problem.shape, dtype="float32", device=device,
+        rows.append(Row(family="t2i sampling", shape=f"{problem.shape}, {name}", dtype="float32", device=device,
                         baseline="official-eager", baseline_ms=official_ms, ours_ms=ours_ms, baseline_peak=None,
-                        ours_peak=None, ok=ok, note=name,
+                        ours_peak=None, ok=ok,
                         agreement=f"{text}; {rate:.3f} vs {base_rate:.3f} images/s, {tokens / ours_ms * 1e3:.0f} vs "
                                   f"{tokens / official_ms * 1e3:.0f} tokens/s",
                         extra={"sampler": name, "images_per_s": rate, "baseline_images_per_s": base_rate,
