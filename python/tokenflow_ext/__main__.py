@@ -1,6 +1,7 @@
 """Command line: ``python -m tokenflow_ext bench`` (the main job), ``python -m tokenflow_ext tokenize IMAGE...
 --checkpoint PATH`` (TokenFlow indices and reconstructions), ``python -m tokenflow_ext train {tokenizer,flowtok}``
-(training, also under ``torchrun``), ``python -m tokenflow_ext verify-gpu`` (on a GPU
+(training, also under ``torchrun``), ``python -m tokenflow_ext generate PROMPT...`` (TokenFlow text-to-image),
+``python -m tokenflow_ext verify-gpu`` (on a GPU
 machine: tests, CUDA parity cases and benchmarks in one command) and ``python -m tokenflow_ext info``.
 
 Also installed as the ``tokenflow-ext`` console script.
@@ -145,9 +146,11 @@ def main(argv=None) -> int:
     b.add_argument("--sizes", metavar="LIST",
                    help="override the grid: comma-separated NxK (codebook families) and BxLxD (flow families)")
     b.add_argument("--families", type=_families, default=["search", "gather", "quantize", "multiscale", "flow_train",
-                                                           "flow_step", "flow_loop", "tokenizer", "flowtok", "train"],
+                                                           "flow_step", "flow_loop", "tokenizer", "flowtok", "train",
+                                                           "t2i"],
                    help="comma-separated subset of search,gather,quantize,multiscale,flow_train,flow_step,flow_loop,"
-                        "tokenizer,flowtok,train (multiscale, tokenizer, flowtok, train: whole models, --full only)")
+                        "tokenizer,flowtok,train,t2i (multiscale, tokenizer, flowtok, train: whole models, --full "
+                        "only; t2i: the sample_logits op, plus the t2i sampling loops with --full)")
     b.add_argument("--repeats", type=int, default=5,
                    help="timed samples per implementation, interleaved with the baseline's (min, median and "
                         "p10-p90 reported)")
@@ -174,6 +177,11 @@ def main(argv=None) -> int:
 
     train_cli.add_arguments(tr)
     tr.set_defaults(func=train_cli.run)
+    g = sub.add_parser("generate", help="TokenFlow text-to-image: prompts -> PNGs")
+    from .models.tokenflow import t2i_cli  # noqa: PLC0415
+
+    t2i_cli.add_arguments(g)
+    g.set_defaults(func=t2i_cli.run)
     i = sub.add_parser("info", help="versions, CUDA build, GPU, installed peers")
     i.set_defaults(func=info)
     args = parser.parse_args(argv)

@@ -34,6 +34,7 @@ def _tiny_calls(ops):
         "flow_matching_loss_backward": lambda: ops.flow_matching_loss_backward(t, v, x0, x1, 0.0, True, True),
         "flow_euler_step": lambda: ops.flow_euler_step(x0, v, x1, 0.1, 2.0),
         "flow_euler_step_": lambda: ops.flow_euler_step_(x0.clone(), v, x1, 0.1, 2.0),
+        "sample_logits": lambda: ops.sample_logits(torch.randn(4, 3, 10), 2.0, 5, 0.9, 2, 6, 0),
     }
 
 

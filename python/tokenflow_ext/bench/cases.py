@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import torch
 
-from . import codebook, flow, models, train
+from . import codebook, flow, models, t2i, train
 from .codebook import CodebookProblem, MultiScaleProblem
 from .flow import FlowProblem
 from .models import FlowTokSampleProblem, TokenizerProblem
+from .t2i import SampleOpProblem, T2IProblem
 from .train import TrainStepProblem
 
 FAMILIES = ["search", "gather", "quantize", "multiscale", "flow_train", "flow_step", "flow_loop", "tokenizer",
-            "flowtok", "train"]
+            "flowtok", "train", "t2i"]
 CODEBOOK_FAMILIES = {"search", "gather", "quantize", "multiscale"}
 
 RUNNERS = {
@@ -25,15 +26,19 @@ RUNNERS = {
     "tokenizer": models.run_tokenizer_case,
     "flowtok": models.run_flowtok_sample_case,
     "train": train.run_train_case,
+    "t2i": t2i.run_t2i_case,
 }
-MODEL_FAMILIES = {"multiscale", "tokenizer", "flowtok", "train"}  # whole-model cases: full grid only, not --sizes
+# whole-model cases: full grid only, not --sizes (t2i: its sampling-op case also runs in the default grid)
+MODEL_FAMILIES = {"multiscale", "tokenizer", "flowtok", "train", "t2i"}
 
 FLOWTOK, WIDE = (256, 77, 16), (64, 4096, 64)
 
 
 def grid(mode: str) -> list[tuple[str, object]]:
     """(family, problem) pairs. quick: seconds; default: a few minutes on 2 cores (measured 128 s of CPU, 5.8 min
-    wall on a loaded 2-core machine); full: every size of benchmarks/results/cpu.md (an hour or more)."""
+    wall on a loaded 2-core machine, before the t2i sampling-op case); full: every size of
+    benchmarks/results/cpu.md (an hour or more)."""
+    t2i_op = [("t2i", SampleOpProblem()), ("t2i", SampleOpProblem(top_k=1200, top_p=0.8))]
     if mode == "quick":
         return [("search", CodebookProblem(2048, 4096)), ("gather", CodebookProblem(16384, 8192)),
                 ("quantize", CodebookProblem(1024, 4096)), ("flow_train", FlowProblem(FLOWTOK)),
@@ -43,7 +48,7 @@ def grid(mode: str) -> list[tuple[str, object]]:
                 ("gather", CodebookProblem(65536, 32768)), ("quantize", CodebookProblem(2048, 8192)),
                 ("flow_train", FlowProblem(FLOWTOK)), ("flow_step", FlowProblem(FLOWTOK)),
                 ("flow_step", FlowProblem(FLOWTOK, torch.bfloat16)), ("flow_step", FlowProblem(WIDE)),
-                ("flow_loop", FlowProblem(FLOWTOK))]
+                ("flow_loop", FlowProblem(FLOWTOK))] + t2i_op[:1]
     cases = [("search", CodebookProblem(8192, 16384)), ("search", CodebookProblem(8192, 16384, pixel_weight=1.0)),
              ("search", CodebookProblem(729, 32768)), ("search", CodebookProblem(8192, 16384, 8, 0)),
              ("search", CodebookProblem(65536, 32768)), ("gather", CodebookProblem(65536, 32768)),
@@ -58,6 +63,7 @@ def grid(mode: str) -> list[tuple[str, object]]:
     cases += [("tokenizer", TokenizerProblem("clipb_256", enhanced_decoder=True)),
               ("tokenizer", TokenizerProblem("siglip_384")), ("flowtok", FlowTokSampleProblem("B", 64))]
     cases += [("train", TrainStepProblem("clipb_256", 2)), ("train", TrainStepProblem("siglip_384", 1))]
+    cases += t2i_op + [("t2i", T2IProblem(refinement="loop1")), ("t2i", T2IProblem(refinement="loop3"))]
     return cases
 
 
@@ -100,6 +106,10 @@ def problem_size(problem) -> int:
     """The x axis of the speedup plot: N*K for codebook cases, elements for flow cases."""
     if isinstance(problem, CodebookProblem):
         return problem.n * problem.k
+    if isinstance(problem, T2IProblem):
+        return problem.batch * 817
+    if isinstance(problem, SampleOpProblem):
+        return 2 * problem.batch * problem.positions * problem.vocab
     if isinstance(problem, FlowTokSampleProblem):
         return problem.batch * problem.steps * 77 * 16
     if isinstance(problem, (TokenizerProblem, TrainStepProblem)):

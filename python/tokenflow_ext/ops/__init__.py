@@ -2,5 +2,6 @@
 
 from .codebook_gather import codebook_gather
 from .codebook_search import codebook_search
+from .sample_logits import sample_logits
 
-__all__ = ["codebook_gather", "codebook_search"]
+__all__ = ["codebook_gather", "codebook_search", "sample_logits"]

@@ -370,3 +370,82 @@ def _many_samples_case(M: int, emulate: bool):
 
 _many_samples_case(3, emulate=True)
 _many_samples_case(100, emulate=False)
+
+
+# ---------------------------------------------------------------------------------------------- sample_logits
+
+def _sample_check(guidance: float, top_k: int, top_p: float, start: int, K: int):
+    """Codes equal to the CPU op's (one Philox stream on both backends) and inside the official kept set."""
+    from ..reference import sample_logits_filter_reference  # noqa: PLC0415  (imports the t2i model package)
+
+    def check(expected: Outputs, actual: Outputs) -> list[str]:
+        problems = []
+        for key in ("codes", "codes_other_seed"):
+            e, a = expected[key], actual[key]
+            if e.shape != a.shape or e.dtype != a.dtype:
+                problems.append(f"{key}: {tuple(a.shape)} {a.dtype}, expected {tuple(e.shape)} {e.dtype}")
+                continue
+            if not torch.equal(e, a):
+                differ = (e != a).nonzero()[:4].tolist()
+                problems.append(f"{key} differ from the CPU op at {differ}")
+        codes = actual["codes"]
+        if codes.numel():
+            kept, _ = sample_logits_filter_reference(expected["logits"], guidance=guidance, top_k=top_k, top_p=top_p,
+                                                     image_token_start=start, image_vocab_size=K)
+            # A tie group straddling the top-p crossing stays whole (the official sort splits it arbitrarily):
+            # ids tied with the smallest kept value (equal top-k-only probabilities) count as kept.
+            _, by_k = sample_logits_filter_reference(expected["logits"], guidance=guidance, top_k=top_k, top_p=0.0,
+                                                     image_token_start=start, image_vocab_size=K)
+            crossing = torch.where(kept, by_k, float("inf")).amin(dim=-1, keepdim=True)
+            kept = kept | ((by_k == crossing) & (by_k > 0))
+            finite = kept.any(-1)
+            if not torch.equal(codes < 0, ~finite):
+                problems.append("codes are -1 exactly where a row has no finite guided logit: not so")
+            drawn_ok = kept.gather(-1, codes.clamp(min=0).unsqueeze(-1)).squeeze(-1) | ~finite
+            if not drawn_ok.all():
+                problems.append(f"{int((~drawn_ok).sum())} codes outside the official kept set")
+        return problems
+
+    return check
+
+
+# Emulated rows are few: every top-p bisection step is a block barrier, and the emulator runs one OS thread per
+# CUDA thread.
+def _sample_case(name, shape, V, *, start=0, K=None, guidance=2.0, top_k=0, top_p=0.0, dtype=torch.float32,
+                 make=None, seed=5, emulate=True):
+    K = V - start if K is None else K
+
+    @_register(f"sample_logits {name}", _sample_check(guidance, top_k, top_p, start, K), emulate=emulate)
+    def run(device, ops):
+        g = torch.Generator().manual_seed(seed)
+        logits = _randn(g, *shape, V, dtype=dtype) if make is None else make(g)
+        on = logits.to(device)
+        return {"logits": logits,
+                "codes": _cpu(ops.sample_logits(on, guidance, top_k, top_p, start, K, 1234)),
+                "codes_other_seed": _cpu(ops.sample_logits(on, guidance, top_k, top_p, start, K, -98765))}
+
+
+def _sample_special_rows(g):
+    logits = torch.randn(2 * 6, 1, 300, generator=g)
+    logits[0] = float("-inf")              # nothing to draw: -1
+    logits[1] = float("nan")               # NaN is -inf: -1
+    logits[2, 0, 7] = float("inf")         # +inf takes all the mass
+    logits[2, 0, 250] = float("inf")
+    logits[3, 0, ::2] = float("-inf")
+    logits[4, 0, 100:] = 3.0               # ties across the top-k boundary and the top-p crossing
+    logits[5] = 0.0                        # all tied
+    logits[6:] = 0.0
+    return logits
+
+
+_sample_case("(2x3, 1, 40) no filter", (6, 1), 40, guidance=0.0)
+_sample_case("(2x2, 3, 300) top-k 25 top-p 0.8 (ids 10..290)", (4, 3), 300, start=10, K=280, top_k=25, top_p=0.8)
+_sample_case("(2x1, 4, 700) top-k 600 top-p 0.6 (loop1)", (2, 4), 700, top_k=600, top_p=0.6, guidance=1.5)
+_sample_case("(2x5, 3, 257) greedy top-k 1", (10, 3), 257, top_k=1)
+_sample_case("(2x2, 2, 200) top-p 0.9 only, bf16", (4, 2), 200, top_p=0.9, dtype=torch.bfloat16)
+_sample_case("(2x2, 3, 90) top-k 30 fp16", (4, 3), 90, top_k=30, top_p=0.5, dtype=torch.float16)
+_sample_case("(2x2, 3, 513) top-k 100 top-p 0.8 fp64", (4, 3), 513, top_k=100, top_p=0.8, dtype=torch.float64)
+_sample_case("NaN / inf / tied rows", (0,), 300, top_k=40, top_p=0.7, make=_sample_special_rows)
+_sample_case("empty (0, 4, 50)", (0, 4), 50, top_k=5)
+_sample_case("(2x4, 256, 32768 + 32001) loop3 pass 1 (GPU)", (8, 256), 64769, start=32001, K=32768, top_k=1200,
+             top_p=0.8, guidance=7.5, emulate=False)

@@ -219,6 +219,21 @@ def sample_scale(logits: torch.Tensor, *, guidance: float, top_k: int, top_p: fl
 
 
 Sampler = Callable[..., torch.Tensor]
+SAMPLERS = ("python", "fused")
+
+
+def resolve_sampler(sampler: Sampler | str | None) -> Sampler:
+    """``None`` / ``"python"``: :func:`sample_scale`; ``"fused"``: the one-kernel
+    ``tokenflow_ext.ops.sample_logits.sample_scale_fused`` (same distribution, its own Philox stream seeded from
+    the generator); a callable is used as it is."""
+    if sampler is None or sampler == "python":
+        return sample_scale
+    if sampler == "fused":
+        from ...ops.sample_logits import sample_scale_fused
+        return sample_scale_fused
+    if isinstance(sampler, str) or not callable(sampler):
+        raise ValueError(f"TokenFlowT2I: sampler must be one of {SAMPLERS} or a callable, got {sampler!r}")
+    return sampler
 
 
 def refinement_lists(refinement: str | int | None, top_k, top_p) -> tuple[tuple[int, ...], tuple[float, ...]]:
@@ -523,7 +538,7 @@ class TokenFlowT2I(nn.Module):
     @torch.no_grad()
     def generate(self, prompts, *, negative_prompt=OFFICIAL_NEGATIVE_PROMPT, tokenizer=None, cfg: float = 7.5,
                  refinement: str | int = "loop1", top_k=None, top_p=None, seed: int | None = None,
-                 generator: torch.Generator | None = None, exact: bool = True, sampler: Sampler | None = None,
+                 generator: torch.Generator | None = None, exact: bool = True, sampler: Sampler | str | None = None,
                  decode: bool = True, max_text_tokens: int | None = None) -> T2IGeneration:
         """Text -> image codes (and images): the official ``autoregressive_infer_cfg`` with a KV cache.
 
@@ -542,6 +557,10 @@ class TokenFlowT2I(nn.Module):
         - ``seed`` (a fresh generator on the model's device) or ``generator``. With ``exact`` (default) the draws
           use the official tensor shapes, so the codes equal those of the no-cache official loop
           (``tokenflow_ext.reference.t2i``) given the same generator, up to floating-point ties in the logits.
+        - ``sampler``: ``None``/``"python"`` (:func:`sample_scale`, the official tensor ops), ``"fused"`` (the
+          ``sample_logits`` kernel: CFG mix, image-vocab mask, top-k select, top-p and a Gumbel-max draw in one
+          pass per row; the same distribution but not the same random stream, so ``exact`` does not apply), or a
+          callable with :func:`sample_scale`'s signature.
 
         Returns :class:`T2IGeneration`; ``images`` come from ``image_tokenizer.decode_indices`` when the model
         has an image tokenizer and ``decode``.
@@ -573,18 +592,28 @@ class TokenFlowT2I(nn.Module):
     @torch.no_grad()
     def sample_codes(self, prefix: torch.Tensor, *, cfg: float, top_k: Sequence[int], top_p: Sequence[float],
                      generator: torch.Generator | None = None, exact: bool = True,
-                     sampler: Sampler | None = None) -> torch.Tensor:
+                     sampler: Sampler | str | None = None) -> torch.Tensor:
         """The cached sampling loop on prefix ids ``(2B, P)`` (conditional rows, then unconditional ones, equal
         lengths). Returns codes ``(B, L)``. See :meth:`generate`."""
         config = self.config
-        sampler = sample_scale if sampler is None else sampler
+        sampler = resolve_sampler(sampler)
         device, scales = prefix.device, config.scales
         rows, width = prefix.shape
         batch = rows // 2
         if rows != 2 * batch or rows == 0:
             raise ValueError(f"TokenFlowT2I: the prefix batch must hold 2B rows (cond + uncond), got {rows}")
-        draw = dict(image_token_start=config.image_token_start, image_vocab_size=config.image_vocab_size,
-                    generator=generator, exact=exact)
+        # A sampler that reads only the image ids (``image_logits_only``, e.g. the fused one) gets the head's
+        # image rows alone: the text-id logits it would mask are never computed (half the head's FLOPs at 7B).
+        image_only = bool(getattr(sampler, "image_logits_only", False))
+        image_rows = slice(config.image_token_start, config.image_token_start + config.image_vocab_size)
+        draw = dict(image_token_start=0 if image_only else config.image_token_start,
+                    image_vocab_size=config.image_vocab_size, generator=generator, exact=exact)
+
+        def head(hidden_rows: torch.Tensor) -> torch.Tensor:
+            if not image_only:
+                return self._logits(hidden_rows)
+            normed = self.model.norm(hidden_rows)
+            return F.linear(normed, self.lm_head.weight[image_rows]).float()
 
         # The prefix, once: text embeddings + lvl_embed[0]; the last prefix id also gets pos_1LC[0].
         embeds = self.model.embed_tokens(prefix) + self.model.lvl_embed.weight[0]
@@ -596,7 +625,7 @@ class TokenFlowT2I(nn.Module):
         allowed = (allowed | torch.eye(width, dtype=torch.bool, device=device)).reshape(-1, 1, width, width)
         cos, sin = self._rope(torch.arange(width, device=device))
         hidden, cache = run_layers(self.model.layers, embeds, cos, sin, allowed)
-        logits = self._logits(hidden[:, -1:])
+        logits = head(hidden[:, -1:])
         codes = torch.empty(batch, config.tokens_per_image, dtype=torch.long, device=device)
         codes[:, :1] = sampler(logits, guidance=guidance_ramp(cfg, 0, len(scales)), top_k=top_k[0], top_p=top_p[0],
                                **draw)
@@ -627,7 +656,7 @@ class TokenFlowT2I(nn.Module):
                 hidden, key_values = run_layers(self.model.layers, block_embeds, cos, sin, mask, past)
                 if pass_index == 0:
                     cache = key_values
-                codes[:, block] = sampler(self._logits(hidden), guidance=t, top_k=top_k[pass_index],
+                codes[:, block] = sampler(head(hidden), guidance=t, top_k=top_k[pass_index],
                                           top_p=top_p[pass_index], **draw)
             running = upsampled + self._code_grid(codes[:, block], side)
             offset += count
@@ -736,4 +765,5 @@ def _read_weights(path: str, map_location: Any) -> dict[str, torch.Tensor]:
 
 
 __all__ = ["CONFIGS", "IGNORE_INDEX", "OFFICIAL_NEGATIVE_PROMPT", "StateDictMismatchError", "T2IConfig",
-           "T2IGeneration", "T2IOutput", "TokenFlowT2I", "images_to_uint8", "refinement_lists", "sample_scale"]
+           "T2IGeneration", "T2IOutput", "TokenFlowT2I", "images_to_uint8", "refinement_lists", "resolve_sampler",
+           "sample_scale"]
