@@ -13,7 +13,9 @@ CUDA_READY = torch.cuda.is_available() and tokenflow_ext.build_info()["with_cuda
 # 2 threads and 0.07 s with 1 on a loaded 2-core machine). The op tests keep torch's default threads, so the
 # kernels' parallel paths stay covered.
 SINGLE_THREAD_FILES = {"test_tokenflow_model.py", "test_flowtok_model.py", "test_tokenflow_generation.py",
-                       "test_ema_kmeans_edge_cases.py", "test_readme.py", "test_bench_cli.py"}
+                       "test_ema_kmeans_edge_cases.py", "test_readme.py", "test_bench_cli.py", "test_t2i.py",
+                       "test_sample_logits.py"}
+SINGLE_THREAD_PREFIXES = ("test_train_",)  # the training tests: tiny models too
 
 
 def pytest_collection_modifyitems(config, items):
@@ -27,7 +29,8 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(autouse=True)
 def _one_thread_for_tiny_models(request):
-    if os.path.basename(str(request.node.path)) not in SINGLE_THREAD_FILES:
+    name = os.path.basename(str(request.node.path))
+    if name not in SINGLE_THREAD_FILES and not name.startswith(SINGLE_THREAD_PREFIXES):
         yield
         return
     threads = torch.get_num_threads()

@@ -21,15 +21,6 @@ from helpers import DEVICES
 ops = torch.ops.tokenflow_ext
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small problems on a shared 2-core machine: one thread (a test below checks two threads agree)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def stacked(cond: torch.Tensor, uncond: torch.Tensor, copies: int) -> torch.Tensor:
     """(2 * copies, L, V): `copies` repeats of the (L, V) conditional rows, then as many unconditional ones."""
     return torch.cat([cond.expand(copies, *cond.shape), uncond.expand(copies, *uncond.shape)]).contiguous()

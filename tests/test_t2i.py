@@ -22,15 +22,6 @@ START = CONFIGS["tiny"].image_token_start   # 10
 K = CONFIGS["tiny"].image_vocab_size        # 16
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The models here are tiny: one thread avoids OpenMP spinning on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_model(dtype=torch.float64, seed=0, **overrides):
     torch.manual_seed(seed)
     codebook = torch.randn(K if "image_vocab_size" not in overrides else overrides["image_vocab_size"], 40)

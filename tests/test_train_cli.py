@@ -9,7 +9,7 @@ import torch
 from tokenflow_ext.__main__ import main
 from tokenflow_ext.models import FlowTok, TokenFlowTokenizer
 from tokenflow_tiny import TINY_CLIP
-from train_helpers import make_image_folder, one_thread, random_teacher  # noqa: F401
+from train_helpers import make_image_folder, random_teacher
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import sys
 
 import torch
 
-from train_helpers import make_image_folder, one_thread  # noqa: F401
+from train_helpers import make_image_folder
 
 WORKER = os.path.join(os.path.dirname(__file__), "train_dist_worker.py")
 

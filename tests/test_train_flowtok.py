@@ -9,7 +9,6 @@ import torch
 
 from tokenflow_ext.models import FlowTok
 from tokenflow_ext.train.flowtok import FlowTokTrainConfig, FlowTokTrainer
-from train_helpers import one_thread  # noqa: F401
 
 TINY_FLOW = dict(clip_dim=24, text_layers=1, text_heads=2, text_hidden=32, text_dropout=0.0)
 PRESET = (2, 32, 2)

@@ -5,7 +5,6 @@ import torch
 import torch.nn.functional as F
 
 from tokenflow_ext.train import losses
-from train_helpers import one_thread  # noqa: F401  (autouse: one intra-op thread)
 
 
 def _direct_lpips(lpips, x, y):

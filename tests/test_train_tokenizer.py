@@ -11,7 +11,7 @@ from tokenflow_ext.models import TokenFlowTokenizer
 from tokenflow_ext.train import metrics
 from tokenflow_ext.train.data import DataError
 from tokenflow_ext.train.tokenizer import TokenizerTrainer
-from train_helpers import make_image_folder, one_thread, random_lpips, random_teacher, tiny_config  # noqa: F401
+from train_helpers import make_image_folder, random_lpips, random_teacher, tiny_config
 
 PSNR_MARGIN_DB = 5.0  # the overfit test's required rise in reconstruction PSNR within OVERFIT_STEPS
 OVERFIT_STEPS = 30

@@ -68,11 +68,3 @@ def random_teacher(config_overrides=TINY_CLIP, seed=1):
     model = TokenFlowTokenizer("clipb_256", **config_overrides)
     proj = torch.randn(model.config.semantic_width, model.config.decoder_out_dim) * 0.1
     return SemanticTeacher(model.encoder_vqkd, proj)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
