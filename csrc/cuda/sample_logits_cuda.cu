@@ -31,29 +31,22 @@ struct SampleParams {
   uint64_t seed;
 };
 
-__device__ __forceinline__ float warp_max(float value) {
-  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) value = fmaxf(value, __shfl_xor_sync(0xffffffffu, value, offset));
-  return value;
-}
+struct MaxOp {
+  __device__ __forceinline__ float operator()(float a, float b) const { return fmaxf(a, b); }
+};
+struct SumOp {
+  __device__ __forceinline__ float operator()(float a, float b) const { return a + b; }
+};
 
-// Block maximum / sum, the same value on every thread. The sum's order is fixed (butterfly within warps, then
-// warps 0..7 in order), so it is deterministic. `scratch` holds kWarps floats.
-__device__ __forceinline__ float block_max(float value, float* scratch) {
-  value = warp_max(value);
+// Block reduction by `op` (MaxOp, SumOp), the same value on every thread. The order is fixed (butterfly
+// within warps, then warps 0..7 in order), so the sum is deterministic. `scratch` holds kWarps floats.
+template <typename Op>
+__device__ __forceinline__ float block_reduce(float value, float* scratch, Op op) {
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) value = op(value, __shfl_xor_sync(0xffffffffu, value, offset));
   if (threadIdx.x % kWarpSize == 0) scratch[threadIdx.x / kWarpSize] = value;
   __syncthreads();
   float result = scratch[0];
-  for (int w = 1; w < kWarps; ++w) result = fmaxf(result, scratch[w]);
-  __syncthreads();
-  return result;
-}
-
-__device__ __forceinline__ float block_sum(float value, float* scratch) {
-  value = warp_sum(value);
-  if (threadIdx.x % kWarpSize == 0) scratch[threadIdx.x / kWarpSize] = value;
-  __syncthreads();
-  float result = scratch[0];
-  for (int w = 1; w < kWarps; ++w) result += scratch[w];
+  for (int w = 1; w < kWarps; ++w) result = op(result, scratch[w]);
   __syncthreads();
   return result;
 }
@@ -80,7 +73,7 @@ __global__ void __launch_bounds__(kThreads) sample_logits_kernel(const scalar_t*
 
     float local_max = -INFINITY;
     for (int i = tid; i < p.K; i += kThreads) local_max = fmaxf(local_max, guided(i));
-    const float row_max = block_max(local_max, scratch);
+    const float row_max = block_reduce(local_max, scratch, MaxOp{});
     if (row_max == -INFINITY) {  // block-uniform: nothing finite to draw from
       if (tid == 0) codes[row] = -1;
       continue;
@@ -128,7 +121,7 @@ __global__ void __launch_bounds__(kThreads) sample_logits_kernel(const scalar_t*
           const float g = guided(i);
           if (ordered_key(g) >= lowest) local += expf(shifted_logit(g, row_max));
         }
-        return block_sum(local, scratch);
+        return block_reduce(local, scratch, SumOp{});
       };
       const float target = p.top_p * mass_from(threshold);
       uint64_t lo = threshold, hi = static_cast<uint64_t>(ordered_key(row_max)) + 1u;
