@@ -72,13 +72,13 @@ def _digest(files: list[Path], extra: list[str]) -> str:
     return h.hexdigest()[:16]
 
 
-def _build_env() -> dict[str, str]:
+def build_env() -> dict[str, str]:
     # A sanitizer runtime preloaded into this Python must not leak into g++.
     return {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
 
 
 def _run(cmd: list[str]) -> None:
-    result = subprocess.run(cmd, capture_output=True, text=True, env=_build_env())
+    result = subprocess.run(cmd, capture_output=True, text=True, env=build_env())
     if result.returncode != 0:
         raise EmuBuildError(f"cuda-emu build step failed:\n{' '.join(cmd)}\n{result.stdout}{result.stderr}")
 

@@ -19,11 +19,11 @@ STAGING_BARRIER = "      __syncthreads();\n#pragma unroll\n      for (int d = 0;
 @pytest.fixture(scope="module")
 def selftest_output(tmp_path_factory, emu_library):  # emu_library: skips where g++ is missing
     binary = tmp_path_factory.mktemp("selftest") / "selftest"
-    flags = [flag for flag in emu_build.SANITIZER_FLAGS[SANITIZER]]
-    subprocess.run(["g++", "-std=c++20", "-pthread", *flags, f"-I{emu_build.EMU_DIR / 'include'}",
+    subprocess.run(["g++", "-std=c++20", "-pthread", *emu_build.SANITIZER_FLAGS[SANITIZER],
+                    f"-I{emu_build.EMU_DIR / 'include'}",
                     str(emu_build.EMU_DIR / "selftest.cpp"), "-o", str(binary)], check=True,
-                   env=emu_build._build_env())
-    result = subprocess.run([str(binary)], capture_output=True, text=True, timeout=300, env=emu_build._build_env())
+                   env=emu_build.build_env())
+    result = subprocess.run([str(binary)], capture_output=True, text=True, timeout=300, env=emu_build.build_env())
     return result.stdout + result.stderr
 
 

@@ -209,8 +209,5 @@ class FlowTokTrainer(Trainer):
 
 
 def train_flowtok(config: FlowTokTrainConfig, **kwargs) -> dict[str, float]:
-    trainer = FlowTokTrainer(config, **kwargs)
-    try:
-        return trainer.run()
-    finally:
-        trainer.setup.close()
+    """Build a :class:`FlowTokTrainer` and run it; returns the last logged row."""
+    return FlowTokTrainer(config, **kwargs).run_and_close()

@@ -406,6 +406,13 @@ class Trainer:
             seed_everything(self.config.seed * 1000 + self.setup.rank + 7919 * self.step)
 
     # -------------------------------------------------------------------- run
+    def run_and_close(self) -> dict[str, float]:
+        """:meth:`run`, then release the process group, also after an error; returns the last logged row."""
+        try:
+            return self.run()
+        finally:
+            self.setup.close()
+
     def run(self) -> dict[str, float]:
         config = self.config
         if config.resume:

@@ -354,8 +354,4 @@ def _number(value) -> float:
 
 def train_tokenizer(config: TokenizerTrainConfig, **kwargs) -> dict[str, float]:
     """Build a :class:`TokenizerTrainer` and run it; returns the last logged row."""
-    trainer = TokenizerTrainer(config, **kwargs)
-    try:
-        return trainer.run()
-    finally:
-        trainer.setup.close()
+    return TokenizerTrainer(config, **kwargs).run_and_close()
