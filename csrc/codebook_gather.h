@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "common/checks.h"
+#include "common/output_memory.h"
 
 namespace tokenflow_ext {
 
@@ -28,7 +29,7 @@ inline GatherCall begin_codebook_gather(const at::Tensor& indices, const at::Ten
   call.N = call.indices.numel();
   std::vector<int64_t> shape(indices.sizes().begin(), indices.sizes().end());
   shape.push_back(call.books.D());
-  call.rows = at::empty(shape, call.books.semantic.options());
+  call.rows = empty_output(shape, call.books.semantic.options());
   return call;
 }
 
@@ -56,8 +57,8 @@ inline GatherBackwardCall begin_codebook_gather_backward(const at::Tensor& grad_
               ": grad_rows must have shape indices.shape + (", D, ",), got ", grad_rows.sizes(),
               " for indices of shape ", indices.sizes());
   call.grads = grad_rows.reshape({-1, D}).contiguous();
-  call.grad_semantic = at::empty_like(call.books.semantic);
-  call.grad_pixel = call.books.has_pixel() ? at::empty_like(call.books.pixel)
+  call.grad_semantic = empty_output_like(call.books.semantic);
+  call.grad_pixel = call.books.has_pixel() ? empty_output_like(call.books.pixel)
                                            : at::empty({0}, call.books.semantic.options());
   return call;
 }

@@ -3,8 +3,11 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY_FRAGMENT(tokenflow_ext, m) {
-  // x_t = (1 - (1 - sigma_min) t) x0 + t x1,  v_target = x1 - (1 - sigma_min) x0   (one pass)
-  m.def("flow_interpolate(Tensor x0, Tensor x1, Tensor t, float sigma_min) -> (Tensor x_t, Tensor v_target)");
+  // x_t = (1 - (1 - sigma_min) t) x0 + t x1,  v_target = x1 - (1 - sigma_min) x0   (one pass); without
+  // with_target, v_target is not computed and comes back empty (0,)
+  m.def(
+      "flow_interpolate(Tensor x0, Tensor x1, Tensor t, float sigma_min, bool with_target=True) -> "
+      "(Tensor x_t, Tensor v_target)");
   // (grad_x0, grad_x1) from the gradients of x_t and v_target (either may be None); an output that is not
   // needed comes back as an empty tensor.
   m.def(
@@ -30,8 +33,11 @@ TORCH_LIBRARY_FRAGMENT(tokenflow_ext, m) {
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/InferenceMode.h>
+#include <torch/csrc/autograd/custom_function.h>
 
 #include <optional>
+
+#include "common/checks.h"
 
 // The op namespace as a string, expanded from the namespace token itself: the CUDA emulation build renames the
 // namespace with -Dtokenflow_ext=tokenflow_ext_emu, and these lookups must then find its own ops.
@@ -69,8 +75,158 @@ void flow_euler_step_inplace_autograd(at::Tensor& x, const at::Tensor& v_cond,
   x.unsafeGetTensorImpl()->bump_version();
 }
 
+// ---- autograd of flow_interpolate and flow_matching_loss ----
+// In C++ rather than torch.library.register_autograd: a training step calls these two ops every iteration, and
+// the Python autograd wrapper (setup_context, backward, saved-tensor unpacking, zero-filled gradients for
+// unused outputs) cost more than the kernels at FlowTok's shapes. Gradients of unused outputs stay undefined
+// (no zero tensors are made or read). Under create_graph (grad mode on inside backward) the gradients are the
+// same formulas in differentiable ATen ops, so double backward works.
+
+// (B,) per-sample values -> (B, 1, ..., 1) broadcastable against `like`.
+at::Tensor per_sample(const at::Tensor& values, const at::Tensor& like) {
+  std::vector<int64_t> shape(static_cast<size_t>(std::max<int64_t>(like.dim(), 1)), 1);
+  shape[0] = values.size(0);
+  return values.reshape(shape);
+}
+
+const auto& interpolate_backward_op() {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow(TFX_OP_NAME(tokenflow_ext, "flow_interpolate_backward"), "")
+          .typed<std::tuple<at::Tensor, at::Tensor>(const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+                                                    const at::Tensor&, double, bool, bool)>();
+  return op;
+}
+
+const auto& matching_loss_backward_op() {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow(TFX_OP_NAME(tokenflow_ext, "flow_matching_loss_backward"), "")
+          .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                                const at::Tensor&, double, bool, bool)>();
+  return op;
+}
+
+struct InterpolateFunction : public torch::autograd::Function<InterpolateFunction> {
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x0,
+                                                const at::Tensor& x1, const at::Tensor& t, double sigma_min,
+                                                bool with_target) {
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow(TFX_OP_NAME(tokenflow_ext, "flow_interpolate"), "")
+                               .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                                         const at::Tensor&, double, bool)>();
+    at::AutoDispatchBelowADInplaceOrView guard;
+    // d x_t / d t = v_target: computed (and kept) when t needs a gradient, even if the caller did not ask for it
+    const bool t_grad = t.requires_grad();
+    auto [x_t, v_target] = op.call(x0, x1, t, sigma_min, with_target || t_grad);
+    ctx->set_materialize_grads(false);
+    ctx->saved_data["sigma_min"] = sigma_min;
+    ctx->save_for_backward({t, t_grad ? v_target : at::Tensor()});
+    if (!with_target && t_grad) v_target = at::empty({0}, x_t.options());
+    if (!with_target) ctx->mark_non_differentiable({v_target});
+    return {x_t, v_target};
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor& t = saved[0];
+    const double sigma_min = ctx->saved_data["sigma_min"].toDouble();
+    const at::Tensor& grad_x_t = grads[0];
+    const at::Tensor& grad_v = grads[1];
+    const bool needs_x0 = ctx->needs_input_grad(0), needs_x1 = ctx->needs_input_grad(1);
+    at::Tensor grad_x0, grad_x1, grad_t;
+    if ((needs_x0 || needs_x1) && (grad_x_t.defined() || grad_v.defined())) {
+      if (at::GradMode::is_enabled()) {  // create_graph: the same formulas, differentiable
+        const at::Tensor& ref = grad_x_t.defined() ? grad_x_t : grad_v;
+        const auto acc = accumulate_type_for(ref.scalar_type());
+        const double keep = 1.0 - sigma_min;
+        const at::Tensor tt = per_sample(t.to(acc), ref);
+        at::Tensor g0, g1;
+        if (grad_x_t.defined()) {
+          const at::Tensor g = grad_x_t.to(acc);
+          g0 = (1.0 - keep * tt) * g;
+          g1 = tt * g;
+        }
+        if (grad_v.defined()) {
+          const at::Tensor g = grad_v.to(acc);
+          g0 = g0.defined() ? g0 - keep * g : -keep * g;
+          g1 = g1.defined() ? g1 + g : g;
+        }
+        grad_x0 = g0.to(ref.scalar_type());
+        grad_x1 = g1.to(ref.scalar_type());
+      } else {
+        std::tie(grad_x0, grad_x1) = interpolate_backward_op().call(grad_x_t, grad_v, t, sigma_min, needs_x0, needs_x1);
+      }
+      if (!needs_x0) grad_x0 = at::Tensor();
+      if (!needs_x1) grad_x1 = at::Tensor();
+    }
+    if (ctx->needs_input_grad(2) && grad_x_t.defined()) {
+      const auto acc = accumulate_type_for(grad_x_t.scalar_type());
+      const at::Tensor products = grad_x_t.to(acc) * saved[1].to(acc);
+      grad_t = products.reshape({products.size(0), -1}).sum(1).to(t.scalar_type());
+    }
+    return {grad_x0, grad_x1, grad_t, at::Tensor(), at::Tensor()};
+  }
+};
+
+struct MatchingLossFunction : public torch::autograd::Function<MatchingLossFunction> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& v_pred, const at::Tensor& x0,
+                            const at::Tensor& x1, double sigma_min) {
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow(TFX_OP_NAME(tokenflow_ext, "flow_matching_loss"), "")
+                               .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, double)>();
+    at::AutoDispatchBelowADInplaceOrView guard;
+    at::Tensor loss = op.call(v_pred, x0, x1, sigma_min);
+    ctx->saved_data["sigma_min"] = sigma_min;
+    ctx->save_for_backward({v_pred, x0, x1});
+    return loss;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &v_pred = saved[0], &x0 = saved[1], &x1 = saved[2];
+    const double sigma_min = ctx->saved_data["sigma_min"].toDouble();
+    const bool needs_v = ctx->needs_input_grad(0), needs_x0 = ctx->needs_input_grad(1),
+               needs_x1 = ctx->needs_input_grad(2);
+    at::Tensor grad_v, grad_x0, grad_x1;
+    if (at::GradMode::is_enabled()) {  // create_graph: the same formulas, differentiable
+      const auto acc = accumulate_type_for(v_pred.scalar_type());
+      const double keep = 1.0 - sigma_min;
+      const int64_t per_sample_count = v_pred.size(0) > 0 ? v_pred[0].numel() : 1;
+      const at::Tensor residual = v_pred.to(acc) - (x1.to(acc) - keep * x0.to(acc));
+      const at::Tensor grad_residual =
+          per_sample(grads[0].to(acc) * (2.0 / static_cast<double>(per_sample_count)), v_pred) * residual;
+      grad_v = grad_residual.to(v_pred.scalar_type());
+      grad_x0 = (keep * grad_residual).to(x0.scalar_type());
+      grad_x1 = (-grad_residual).to(x1.scalar_type());
+    } else {
+      std::tie(grad_v, grad_x0, grad_x1) =
+          matching_loss_backward_op().call(grads[0], v_pred, x0, x1, sigma_min, needs_x0, needs_x1);
+    }
+    return {needs_v ? grad_v : at::Tensor(), needs_x0 ? grad_x0 : at::Tensor(), needs_x1 ? grad_x1 : at::Tensor(),
+            at::Tensor()};
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor> flow_interpolate_autograd(const at::Tensor& x0, const at::Tensor& x1,
+                                                             const at::Tensor& t, double sigma_min, bool with_target) {
+  auto outputs = InterpolateFunction::apply(x0, x1, t, sigma_min, with_target);
+  return {outputs[0], outputs[1]};
+}
+
+at::Tensor flow_matching_loss_autograd(const at::Tensor& v_pred, const at::Tensor& x0, const at::Tensor& x1,
+                                       double sigma_min) {
+  return MatchingLossFunction::apply(v_pred, x0, x1, sigma_min);
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(tokenflow_ext, Autograd, m) { m.impl("flow_euler_step_", &flow_euler_step_inplace_autograd); }
+TORCH_LIBRARY_IMPL(tokenflow_ext, Autograd, m) {
+  m.impl("flow_euler_step_", &flow_euler_step_inplace_autograd);
+  m.impl("flow_interpolate", &flow_interpolate_autograd);
+  m.impl("flow_matching_loss", &flow_matching_loss_autograd);
+}
 
 }  // namespace tokenflow_ext

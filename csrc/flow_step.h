@@ -8,6 +8,7 @@
 #include <optional>
 
 #include "common/checks.h"
+#include "common/output_memory.h"
 
 namespace tokenflow_ext {
 
@@ -49,12 +50,12 @@ inline at::Tensor check_timesteps(const char* op, const at::Tensor& t, const at:
 
 struct InterpolateCall {
   at::Tensor x0, x1, t;  // contiguous; t in the accumulate dtype
-  at::Tensor x_t, v_target;
+  at::Tensor x_t, v_target;  // v_target is empty (0,) without with_target
   FlowBatch batch;
 };
 
 inline InterpolateCall begin_flow_interpolate(const at::Tensor& x0, const at::Tensor& x1, const at::Tensor& t,
-                                              double sigma_min) {
+                                              double sigma_min, bool with_target) {
   constexpr const char* op = "tokenflow_ext.flow_interpolate";
   InterpolateCall call;
   call.batch = flow_batch_of(op, "x0", x0);
@@ -63,8 +64,8 @@ inline InterpolateCall begin_flow_interpolate(const at::Tensor& x0, const at::Te
   call.t = check_timesteps(op, t, x0, call.batch.B);
   call.x0 = x0.contiguous();
   call.x1 = x1.contiguous();
-  call.x_t = at::empty_like(call.x0);
-  call.v_target = at::empty_like(call.x0);
+  call.x_t = empty_output_like(call.x0);
+  call.v_target = with_target ? empty_output_like(call.x0) : at::empty({0}, x0.options());
   return call;
 }
 
@@ -91,8 +92,8 @@ inline InterpolateBackwardCall begin_flow_interpolate_backward(const std::option
   if (has_xt) call.grad_x_t = grad_x_t->contiguous();
   if (has_v) call.grad_v_target = grad_v_target->contiguous();
   const auto empty = at::empty({0}, ref.options());
-  call.grad_x0 = x0_needs_grad ? at::empty(ref.sizes(), ref.options()) : empty;
-  call.grad_x1 = x1_needs_grad ? at::empty(ref.sizes(), ref.options()) : empty;
+  call.grad_x0 = x0_needs_grad ? empty_output(ref.sizes(), ref.options()) : empty;
+  call.grad_x1 = x1_needs_grad ? empty_output(ref.sizes(), ref.options()) : empty;
   return call;
 }
 
@@ -142,10 +143,10 @@ inline MatchingLossBackwardCall begin_flow_matching_loss_backward(const at::Tens
   MatchingLossBackwardCall call;
   call.inputs = begin_flow_matching_loss(op, v_pred, x0, x1, sigma_min);
   call.grad_loss = check_grad_loss(op, grad_loss, v_pred, call.inputs.batch.B);
-  call.grad_v_pred = at::empty_like(call.inputs.v_pred);
+  call.grad_v_pred = empty_output_like(call.inputs.v_pred);
   const auto empty = at::empty({0}, v_pred.options());
-  call.grad_x0 = x0_needs_grad ? at::empty_like(call.inputs.x0) : empty;
-  call.grad_x1 = x1_needs_grad ? at::empty_like(call.inputs.x1) : empty;
+  call.grad_x0 = x0_needs_grad ? empty_output_like(call.inputs.x0) : empty;
+  call.grad_x1 = x1_needs_grad ? empty_output_like(call.inputs.x1) : empty;
   return call;
 }
 
@@ -198,7 +199,7 @@ at::Tensor flow_euler_step_entry(const at::Tensor& x, const at::Tensor& v_cond,
                                  const std::optional<at::Tensor>& v_uncond, double dt, double guidance_scale,
                                  const Run& run) {
   const EulerCall call = begin_flow_euler_step("tokenflow_ext.flow_euler_step", x, v_cond, v_uncond, dt, guidance_scale);
-  at::Tensor out = at::empty(x.sizes(), x.options());
+  at::Tensor out = empty_output(x.sizes(), x.options());
   run(call, dt, guidance_scale, out);
   return out;
 }

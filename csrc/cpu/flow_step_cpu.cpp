@@ -37,6 +37,14 @@ TFX_CPU_SIMD void interpolate_span(const scalar_t* x0, const scalar_t* x1, int64
   }
 }
 
+template <typename scalar_t, typename acc_t>
+TFX_CPU_SIMD void interpolate_x_t_span(const scalar_t* x0, const scalar_t* x1, int64_t n, acc_t a, acc_t tb,
+                                       scalar_t* x_t) {
+  for (int64_t i = 0; i < n; ++i) {
+    x_t[i] = static_cast<scalar_t>(a * static_cast<acc_t>(x0[i]) + tb * static_cast<acc_t>(x1[i]));
+  }
+}
+
 // out = c_xt g_xt + c_v g_v (either gradient may be absent)
 template <typename scalar_t, typename acc_t>
 TFX_CPU_SIMD void linear_combination_span(const scalar_t* g_xt, acc_t c_xt, const scalar_t* g_v, acc_t c_v, int64_t n,
@@ -108,7 +116,12 @@ void interpolate_kernel(const scalar_t* x0, const scalar_t* x1, const acc_t* t, 
   const acc_t keep = acc_t(1) - sigma_min;
   for_each_sample(batch, [&](int64_t b) {
     const int64_t o = b * batch.M;
-    interpolate_span<scalar_t, acc_t>(x0 + o, x1 + o, batch.M, acc_t(1) - keep * t[b], t[b], keep, x_t + o, v_target + o);
+    if (v_target == nullptr) {
+      interpolate_x_t_span<scalar_t, acc_t>(x0 + o, x1 + o, batch.M, acc_t(1) - keep * t[b], t[b], x_t + o);
+    } else {
+      interpolate_span<scalar_t, acc_t>(x0 + o, x1 + o, batch.M, acc_t(1) - keep * t[b], t[b], keep, x_t + o,
+                                        v_target + o);
+    }
   });
 }
 
@@ -161,13 +174,14 @@ void euler_kernel(const scalar_t* x, const scalar_t* v_cond, const scalar_t* v_u
 }
 
 std::tuple<at::Tensor, at::Tensor> flow_interpolate_cpu(const at::Tensor& x0, const at::Tensor& x1, const at::Tensor& t,
-                                                        double sigma_min) {
-  InterpolateCall call = begin_flow_interpolate(x0, x1, t, sigma_min);
+                                                        double sigma_min, bool with_target) {
+  InterpolateCall call = begin_flow_interpolate(x0, x1, t, sigma_min, with_target);
   TFX_DISPATCH_FLOATS(x0.scalar_type(), "flow_interpolate_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     interpolate_kernel<scalar_t, acc_t>(call.x0.const_data_ptr<scalar_t>(), call.x1.const_data_ptr<scalar_t>(),
                                         call.t.const_data_ptr<acc_t>(), call.batch, static_cast<acc_t>(sigma_min),
-                                        call.x_t.data_ptr<scalar_t>(), call.v_target.data_ptr<scalar_t>());
+                                        call.x_t.data_ptr<scalar_t>(),
+                                        with_target ? call.v_target.data_ptr<scalar_t>() : nullptr);
   });
   return {call.x_t, call.v_target};
 }

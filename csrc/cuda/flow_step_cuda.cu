@@ -23,13 +23,13 @@ constexpr int64_t kSmallSample = 32;  // up to this many elements per sample, on
 template <typename scalar_t, typename acc_t, typename index_t>
 __global__ void interpolate_kernel(const scalar_t* __restrict__ x0, const scalar_t* __restrict__ x1,
                                    const acc_t* __restrict__ t, index_t count, index_t M, acc_t keep,
-                                   scalar_t* __restrict__ x_t, scalar_t* __restrict__ v_target) {
+                                   scalar_t* __restrict__ x_t, scalar_t* __restrict__ v_target /* may be null */) {
   TFX_GRID_STRIDE(index_t, e, count) {
     const acc_t tb = t[e / M];
     const acc_t source = static_cast<acc_t>(x0[e]);
     const acc_t target = static_cast<acc_t>(x1[e]);
     x_t[e] = static_cast<scalar_t>((acc_t(1) - keep * tb) * source + tb * target);
-    v_target[e] = static_cast<scalar_t>(target - keep * source);
+    if (v_target != nullptr) v_target[e] = static_cast<scalar_t>(target - keep * source);
   }
 }
 
@@ -130,8 +130,8 @@ __global__ void euler_kernel(const scalar_t* x, const scalar_t* v_cond, const sc
 cudaStream_t stream_for(const at::Tensor& t) { return c10::cuda::getCurrentCUDAStream(t.device().index()).stream(); }
 
 std::tuple<at::Tensor, at::Tensor> flow_interpolate_cuda(const at::Tensor& x0, const at::Tensor& x1, const at::Tensor& t,
-                                                         double sigma_min) {
-  InterpolateCall call = begin_flow_interpolate(x0, x1, t, sigma_min);
+                                                         double sigma_min, bool with_target) {
+  InterpolateCall call = begin_flow_interpolate(x0, x1, t, sigma_min, with_target);
   const int64_t count = call.batch.B * call.batch.M;
   if (count == 0) return {call.x_t, call.v_target};
   const c10::cuda::CUDAGuard guard(x0.device());
@@ -143,7 +143,7 @@ std::tuple<at::Tensor, at::Tensor> flow_interpolate_cuda(const at::Tensor& x0, c
                                                      stream_for(x0)>>>(
           call.x0.const_data_ptr<scalar_t>(), call.x1.const_data_ptr<scalar_t>(), call.t.const_data_ptr<acc_t>(),
           static_cast<index_t>(count), static_cast<index_t>(call.batch.M), acc_t(1) - static_cast<acc_t>(sigma_min),
-          call.x_t.data_ptr<scalar_t>(), call.v_target.data_ptr<scalar_t>());
+          call.x_t.data_ptr<scalar_t>(), with_target ? call.v_target.data_ptr<scalar_t>() : nullptr);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });

@@ -44,7 +44,7 @@ class FlowMatchingLoss(nn.Module):
         if t is None:
             t = logit_normal_timesteps(x0.shape[0], mean=self.timestep_mean, std=self.timestep_std,
                                        device=x0.device)
-        x_t, _ = interpolate(x0, x1, t, self.sigma_min, x1_grad=self.x1_grad)
+        x_t, _ = interpolate(x0, x1, t, self.sigma_min, x1_grad=self.x1_grad, with_target=False)
         v_pred = model(x_t, t, **model_kwargs)
         return matching_loss(v_pred, x0, x1, self.sigma_min, self.reduction, x1_grad=self.x1_grad)
 

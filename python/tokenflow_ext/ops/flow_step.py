@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .._parts import accumulate_dtype, float_arg
+from .._parts import accumulate_dtype, bool_arg, float_arg
 
 _ops = torch.ops.tokenflow_ext
 
@@ -17,7 +17,7 @@ REDUCTIONS = ("mean", "sum", "none")
 
 
 def interpolate(x0: torch.Tensor, x1: torch.Tensor, t: torch.Tensor, sigma_min: float = 1e-5, *,
-                x1_grad: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                x1_grad: bool = True, with_target: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(x_t, v_target)`` in one pass over ``x0`` and ``x1``.
 
     Args:
@@ -26,13 +26,18 @@ def interpolate(x0: torch.Tensor, x1: torch.Tensor, t: torch.Tensor, sigma_min: 
         t: ``(B,)`` times in [0, 1], any float dtype.
         sigma_min: FlowTok's ``sigma_min`` (1e-5).
         x1_grad: ``False`` treats ``x1`` as a constant (a frozen tokenizer's output), even if it requires grad.
+        with_target: ``False`` skips ``v_target`` (returned as ``None``): one output write less, for callers
+            whose loss is :func:`matching_loss`, which recomputes the target itself.
 
     Returns:
         ``x_t = (1 - (1 - sigma_min) t) x0 + t x1`` and ``v_target = x1 - (1 - sigma_min) x0``. Gradients
         flow to ``x0`` through both outputs (the target is not detached, as in FlowTok), to ``x1`` and to ``t``.
     """
-    sigma_min = float_arg("tokenflow_ext.flow.interpolate", "sigma_min", sigma_min)
-    return _ops.flow_interpolate(x0, x1 if x1_grad else x1.detach(), t, sigma_min)
+    op = "tokenflow_ext.flow.interpolate"
+    sigma_min = float_arg(op, "sigma_min", sigma_min)
+    with_target = bool_arg(op, "with_target", with_target)
+    x_t, v_target = _ops.flow_interpolate(x0, x1 if x1_grad else x1.detach(), t, sigma_min, with_target)
+    return x_t, (v_target if with_target else None)
 
 
 def matching_loss(v_pred: torch.Tensor, x0: torch.Tensor, x1: torch.Tensor, sigma_min: float = 1e-5,
@@ -86,10 +91,10 @@ def _check_batch(op: str, x: torch.Tensor, t: torch.Tensor) -> None:
 
 
 @torch.library.register_fake("tokenflow_ext::flow_interpolate")
-def _interpolate_fake(x0, x1, t, sigma_min):
+def _interpolate_fake(x0, x1, t, sigma_min, with_target=True):
     _check_batch("tokenflow_ext.flow_interpolate", x0, t)
     torch._check(x0.shape == x1.shape, lambda: "tokenflow_ext.flow_interpolate: x1 must have the shape of x0")
-    return torch.empty_like(x0), torch.empty_like(x0)
+    return torch.empty_like(x0), (torch.empty_like(x0) if with_target else x0.new_empty((0,)))
 
 
 @torch.library.register_fake("tokenflow_ext::flow_interpolate_backward")
@@ -127,78 +132,6 @@ def _euler_inplace_fake(x, v_cond, v_uncond, dt, guidance_scale):
 
 # ---- autograd -------------------------------------------------------------------------------------------
 
-def _interpolate_setup(ctx, inputs, output):
-    x0, x1, t, sigma_min = inputs
-    ctx.sigma_min = sigma_min
-    ctx.save_for_backward(t, output[1] if ctx.needs_input_grad[2] else None)
-
-
-def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return values.reshape(-1, *([1] * (like.dim() - 1)))
-
-
-def _interpolate_backward_composite(grad_x_t, grad_v_target, t, sigma_min):
-    """The formula of flow_interpolate_backward in differentiable torch ops (double backward)."""
-    ref = grad_x_t if grad_x_t is not None else grad_v_target
-    acc = accumulate_dtype(ref.dtype)
-    keep = 1.0 - sigma_min
-    tt = _per_sample(t.to(acc), ref)
-    g_xt = None if grad_x_t is None else grad_x_t.to(acc)
-    g_v = None if grad_v_target is None else grad_v_target.to(acc)
-    grad_x0 = grad_x1 = 0
-    if g_xt is not None:
-        grad_x0, grad_x1 = (1.0 - keep * tt) * g_xt, tt * g_xt
-    if g_v is not None:
-        grad_x0, grad_x1 = grad_x0 - keep * g_v, grad_x1 + g_v
-    return grad_x0.to(ref.dtype), grad_x1.to(ref.dtype)
-
-
-def _interpolate_backward(ctx, grad_x_t, grad_v_target):
-    t, v_target = ctx.saved_tensors
-    needs_x0, needs_x1, needs_t = ctx.needs_input_grad[:3]
-    grad_x0 = grad_x1 = grad_t = None
-    if (needs_x0 or needs_x1) and (grad_x_t is not None or grad_v_target is not None):
-        if torch.is_grad_enabled():  # create_graph=True: the backward must itself be differentiable
-            grad_x0, grad_x1 = _interpolate_backward_composite(grad_x_t, grad_v_target, t, ctx.sigma_min)
-        else:
-            grad_x0, grad_x1 = _ops.flow_interpolate_backward(grad_x_t, grad_v_target, t, ctx.sigma_min, needs_x0,
-                                                              needs_x1)
-        grad_x0 = grad_x0 if needs_x0 else None
-        grad_x1 = grad_x1 if needs_x1 else None
-    if needs_t and grad_x_t is not None:
-        # d x_t / d t = x1 - (1 - sigma) x0 = v_target
-        products = grad_x_t.to(accumulate_dtype(grad_x_t.dtype)) * v_target.to(accumulate_dtype(grad_x_t.dtype))
-        grad_t = products.reshape(products.shape[0], -1).sum(dim=1).to(t.dtype)
-    return grad_x0, grad_x1, grad_t, None
-
-
-def _matching_loss_setup(ctx, inputs, output):
-    v_pred, x0, x1, sigma_min = inputs
-    ctx.sigma_min = sigma_min
-    ctx.save_for_backward(v_pred, x0, x1)
-
-
-def _matching_loss_backward_composite(grad_loss, v_pred, x0, x1, sigma_min):
-    """The formula of flow_matching_loss_backward in differentiable torch ops (double backward)."""
-    acc = accumulate_dtype(v_pred.dtype)
-    per_sample = v_pred[0].numel() if v_pred.shape[0] else 1
-    residual = v_pred.to(acc) - (x1.to(acc) - (1.0 - sigma_min) * x0.to(acc))
-    grad_residual = _per_sample(grad_loss.to(acc) * (2.0 / per_sample), v_pred) * residual
-    return (grad_residual.to(v_pred.dtype), ((1.0 - sigma_min) * grad_residual).to(x0.dtype),
-            (-grad_residual).to(x1.dtype))
-
-
-def _matching_loss_backward(ctx, grad_loss):
-    v_pred, x0, x1 = ctx.saved_tensors
-    needs_v, needs_x0, needs_x1 = ctx.needs_input_grad[:3]
-    if torch.is_grad_enabled():  # create_graph=True: the backward must itself be differentiable
-        grad_v, grad_x0, grad_x1 = _matching_loss_backward_composite(grad_loss, v_pred, x0, x1, ctx.sigma_min)
-    else:
-        grad_v, grad_x0, grad_x1 = _ops.flow_matching_loss_backward(grad_loss, v_pred, x0, x1, ctx.sigma_min,
-                                                                    needs_x0, needs_x1)
-    return (grad_v if needs_v else None), (grad_x0 if needs_x0 else None), (grad_x1 if needs_x1 else None), None
-
-
 def _euler_setup(ctx, inputs, output):
     x, v_cond, v_uncond, dt, guidance_scale = inputs
     ctx.dt, ctx.scale = dt, guidance_scale
@@ -217,9 +150,8 @@ def _euler_backward(ctx, grad):
     return grad, grad_cond, grad_uncond, None, None
 
 
-torch.library.register_autograd("tokenflow_ext::flow_interpolate", _interpolate_backward, setup_context=_interpolate_setup)
-torch.library.register_autograd("tokenflow_ext::flow_matching_loss", _matching_loss_backward,
-                                setup_context=_matching_loss_setup)
+# flow_interpolate and flow_matching_loss (and the in-place Euler step) have their autograd in C++
+# (csrc/flow_step.cpp): their Python wrappers cost more than the kernels at FlowTok's training shapes.
 torch.library.register_autograd("tokenflow_ext::flow_euler_step", _euler_backward, setup_context=_euler_setup)
 
 # Autocast: the loss is computed in float32 anyway (as eager mse_loss is under autocast), so a bf16/fp16
