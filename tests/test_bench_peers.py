@@ -73,8 +73,9 @@ def test_a_disagreeing_index_is_reported_and_fails(monkeypatch):
 
 def test_missing_peers_give_skip_rows(monkeypatch):
     real_find_spec = importlib.util.find_spec
+    missing = ("faiss", "vector_quantize_pytorch")
     monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name in ("faiss", "vector_quantize_pytorch") else real_find_spec(name, *a))
+                        lambda name, *a: None if name in missing else real_find_spec(name, *a))
     rows = run_peers_case(TINY, "cpu", repeats=1)
     assert [(row.baseline, row.note, row.ok, row.baseline_ms) for row in rows] == [
         ("vector-quantize-pytorch", "vector-quantize-pytorch not installed", True, None),

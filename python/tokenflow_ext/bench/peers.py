@@ -53,7 +53,9 @@ def peer_version(package: str, module: str) -> str | None:
 
 def agreement_text(exact: float, gap: float, ok: bool) -> str:
     """``"100.00%"``; ``"99.98% (ties, gap 3.0e-07)"`` when every differing index is a near-tie; ``FAIL`` else."""
-    return f"{100 * exact:.2f}%" + ("" if exact == 1.0 else f" (ties, gap {gap:.1e})" if ok else f" (gap {gap:.1e}) FAIL")
+    if exact == 1.0:
+        return "100.00%"
+    return f"{100 * exact:.2f}%" + (f" (ties, gap {gap:.1e})" if ok else f" (gap {gap:.1e}) FAIL")
 
 
 def vector_quantize_module(semantic: torch.Tensor, pixel: torch.Tensor | None, pixel_weight: float):
