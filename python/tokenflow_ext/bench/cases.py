@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import torch
 
-from . import codebook, flow, models, t2i, train
+from . import codebook, flow, models, peers, t2i, train
 from .codebook import CodebookProblem, MultiScaleProblem
 from .flow import FlowProblem
 from .models import FlowTokSampleProblem, TokenizerProblem
+from .peers import PeersProblem
 from .t2i import SampleOpProblem, T2IProblem
 from .train import TrainStepProblem
 
 FAMILIES = ["search", "gather", "quantize", "multiscale", "flow_train", "flow_step", "flow_loop", "tokenizer",
-            "flowtok", "train", "t2i"]
-CODEBOOK_FAMILIES = {"search", "gather", "quantize", "multiscale"}
+            "flowtok", "train", "t2i", "peers"]
+CODEBOOK_FAMILIES = {"search", "gather", "quantize", "multiscale", "peers"}
 
 RUNNERS = {
     "search": codebook.run_search_case,
@@ -27,6 +28,7 @@ RUNNERS = {
     "flowtok": models.run_flowtok_sample_case,
     "train": train.run_train_case,
     "t2i": t2i.run_t2i_case,
+    "peers": peers.run_peers_case,  # optional extras: vector-quantize-pytorch, faiss-cpu
 }
 # whole-model cases: full grid only, not --sizes (t2i: its sampling-op case also runs in the default grid)
 MODEL_FAMILIES = {"multiscale", "tokenizer", "flowtok", "train", "t2i"}
@@ -42,18 +44,20 @@ def grid(mode: str) -> list[tuple[str, object]]:
     if mode == "quick":
         return [("search", CodebookProblem(2048, 4096)), ("gather", CodebookProblem(16384, 8192)),
                 ("quantize", CodebookProblem(1024, 4096)), ("flow_train", FlowProblem(FLOWTOK)),
-                ("flow_step", FlowProblem(FLOWTOK)), ("flow_loop", FlowProblem(FLOWTOK))]
+                ("flow_step", FlowProblem(FLOWTOK)), ("flow_loop", FlowProblem(FLOWTOK)),
+                ("peers", PeersProblem(1024, 4096))]
     if mode == "default":
         return [("search", CodebookProblem(4096, 8192)), ("search", CodebookProblem(1024, 32768)),
                 ("gather", CodebookProblem(65536, 32768)), ("quantize", CodebookProblem(2048, 8192)),
                 ("flow_train", FlowProblem(FLOWTOK)), ("flow_step", FlowProblem(FLOWTOK)),
                 ("flow_step", FlowProblem(FLOWTOK, torch.bfloat16)), ("flow_step", FlowProblem(WIDE)),
-                ("flow_loop", FlowProblem(FLOWTOK))] + t2i_op[:1]
+                ("flow_loop", FlowProblem(FLOWTOK))] + t2i_op[:1] + [("peers", PeersProblem(4096, 16384))]
     cases = [("search", CodebookProblem(8192, 16384)), ("search", CodebookProblem(8192, 16384, pixel_weight=1.0)),
              ("search", CodebookProblem(729, 32768)), ("search", CodebookProblem(8192, 16384, 8, 0)),
              ("search", CodebookProblem(65536, 32768)), ("gather", CodebookProblem(65536, 32768)),
              ("gather", CodebookProblem(65536, 32768, index_skew="one code")),
-             ("quantize", CodebookProblem(4096, 16384)), ("multiscale", MultiScaleProblem())]
+             ("quantize", CodebookProblem(4096, 16384)), ("multiscale", MultiScaleProblem()),
+             ("peers", PeersProblem(8192, 16384)), ("peers", PeersProblem(4096, 16384))]
     for shape in (FLOWTOK, WIDE):
         cases += [("flow_train", FlowProblem(shape)), ("flow_train", FlowProblem(shape, torch.bfloat16)),
                   ("flow_step", FlowProblem(shape)), ("flow_step", FlowProblem(shape, torch.bfloat16)),
@@ -92,7 +96,7 @@ def cases_for(mode: str, families: list[str], sizes: list[tuple[int, ...]] | Non
             if family in MODEL_FAMILIES:
                 continue
             if family in CODEBOOK_FAMILIES and len(dims) == 2:
-                cases.append((family, CodebookProblem(*dims)))
+                cases.append((family, (PeersProblem if family == "peers" else CodebookProblem)(*dims)))
             elif family not in CODEBOOK_FAMILIES and len(dims) > 2:
                 cases.append((family, FlowProblem(dims)))
     return cases
