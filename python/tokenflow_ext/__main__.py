@@ -145,12 +145,12 @@ def main(argv=None) -> int:
     b.add_argument("--device", choices=["cpu", "cuda", "all"], default="all")
     b.add_argument("--sizes", metavar="LIST",
                    help="override the grid: comma-separated NxK (codebook families) and BxLxD (flow families)")
-    b.add_argument("--families", type=_families, default=["search", "gather", "quantize", "multiscale", "flow_train",
-                                                           "flow_step", "flow_loop", "tokenizer", "flowtok", "train",
-                                                           "t2i"],
-                   help="comma-separated subset of search,gather,quantize,multiscale,flow_train,flow_step,flow_loop,"
-                        "tokenizer,flowtok,train,t2i (multiscale, tokenizer, flowtok, train: whole models, --full "
-                        "only; t2i: the sample_logits op, plus the t2i sampling loops with --full)")
+    from .bench.cases import FAMILIES  # noqa: PLC0415
+
+    b.add_argument("--families", type=_families, default=list(FAMILIES),
+                   help=f"comma-separated subset of {','.join(FAMILIES)} (multiscale, tokenizer, flowtok, "
+                        "train: whole models, --full only; t2i: the sample_logits op, plus the t2i sampling loops with "
+                        "--full; peers: vector-quantize-pytorch and faiss-cpu where installed)")
     b.add_argument("--repeats", type=int, default=5,
                    help="timed samples per implementation, interleaved with the baseline's (min, median and "
                         "p10-p90 reported)")
