@@ -30,10 +30,10 @@ template <typename scalar_t, typename acc_t>
 TFX_CPU_SIMD void interpolate_span(const scalar_t* x0, const scalar_t* x1, int64_t n, acc_t a, acc_t tb, acc_t keep,
                                    scalar_t* x_t, scalar_t* v_target) {
   for (int64_t i = 0; i < n; ++i) {
-    const acc_t source = static_cast<acc_t>(x0[i]);
-    const acc_t target = static_cast<acc_t>(x1[i]);
-    x_t[i] = static_cast<scalar_t>(a * source + tb * target);
-    v_target[i] = static_cast<scalar_t>(target - keep * source);
+    const acc_t source = load_as<acc_t>(x0[i]);
+    const acc_t target = load_as<acc_t>(x1[i]);
+    x_t[i] = store_as<scalar_t>(a * source + tb * target);
+    v_target[i] = store_as<scalar_t>(target - keep * source);
   }
 }
 
@@ -41,7 +41,7 @@ template <typename scalar_t, typename acc_t>
 TFX_CPU_SIMD void interpolate_x_t_span(const scalar_t* x0, const scalar_t* x1, int64_t n, acc_t a, acc_t tb,
                                        scalar_t* x_t) {
   for (int64_t i = 0; i < n; ++i) {
-    x_t[i] = static_cast<scalar_t>(a * static_cast<acc_t>(x0[i]) + tb * static_cast<acc_t>(x1[i]));
+    x_t[i] = store_as<scalar_t>(a * load_as<acc_t>(x0[i]) + tb * load_as<acc_t>(x1[i]));
   }
 }
 
@@ -51,33 +51,44 @@ TFX_CPU_SIMD void linear_combination_span(const scalar_t* g_xt, acc_t c_xt, cons
                                           scalar_t* out) {
   if (g_xt != nullptr && g_v != nullptr) {
     for (int64_t i = 0; i < n; ++i) {
-      out[i] = static_cast<scalar_t>(c_xt * static_cast<acc_t>(g_xt[i]) + c_v * static_cast<acc_t>(g_v[i]));
+      out[i] = store_as<scalar_t>(c_xt * load_as<acc_t>(g_xt[i]) + c_v * load_as<acc_t>(g_v[i]));
     }
   } else {
     const scalar_t* g = g_xt != nullptr ? g_xt : g_v;
     const acc_t c = g_xt != nullptr ? c_xt : c_v;
-    for (int64_t i = 0; i < n; ++i) out[i] = static_cast<scalar_t>(c * static_cast<acc_t>(g[i]));
+    for (int64_t i = 0; i < n; ++i) out[i] = store_as<scalar_t>(c * load_as<acc_t>(g[i]));
   }
 }
 
-// sum (v_pred - (x1 - keep x0))^2 over the span, in 4 fixed fp64 partial sums (deterministic, accurate)
+// sum (v_pred - (x1 - keep x0))^2 over the span: 16 lanes in the arithmetic type over each block of
+// kResidualBlock elements (element i in lane i % 16; they vectorise), each block's lanes added in a fixed tree
+// into an fp64 total. Deterministic, and fp64 where the long sums happen.
+constexpr int64_t kResidualLanes = 16;
+constexpr int64_t kResidualBlock = 256;
+
 template <typename scalar_t, typename acc_t>
 TFX_CPU_SIMD double squared_residual_span(const scalar_t* v_pred, const scalar_t* x0, const scalar_t* x1, int64_t n,
                                           acc_t keep) {
-  double partial[4] = {0, 0, 0, 0};
+  double total = 0;
   int64_t i = 0;
-  for (; i + 4 <= n; i += 4) {
-    for (int lane = 0; lane < 4; ++lane) {
-      const acc_t r = static_cast<acc_t>(v_pred[i + lane]) -
-                      (static_cast<acc_t>(x1[i + lane]) - keep * static_cast<acc_t>(x0[i + lane]));
-      partial[lane] += static_cast<double>(r * r);
+  for (; i + kResidualBlock <= n; i += kResidualBlock) {
+    acc_t lanes[kResidualLanes] = {};
+    for (int64_t j = i; j < i + kResidualBlock; j += kResidualLanes) {
+      for (int64_t l = 0; l < kResidualLanes; ++l) {
+        const acc_t r = load_as<acc_t>(v_pred[j + l]) - (load_as<acc_t>(x1[j + l]) - keep * load_as<acc_t>(x0[j + l]));
+        lanes[l] += r * r;
+      }
     }
+    for (int64_t width = kResidualLanes / 2; width > 0; width /= 2) {
+      for (int64_t l = 0; l < width; ++l) lanes[l] += lanes[l + width];
+    }
+    total += static_cast<double>(lanes[0]);
   }
   for (; i < n; ++i) {
-    const acc_t r = static_cast<acc_t>(v_pred[i]) - (static_cast<acc_t>(x1[i]) - keep * static_cast<acc_t>(x0[i]));
-    partial[0] += static_cast<double>(r * r);
+    const acc_t r = load_as<acc_t>(v_pred[i]) - (load_as<acc_t>(x1[i]) - keep * load_as<acc_t>(x0[i]));
+    total += static_cast<double>(r * r);
   }
-  return (partial[0] + partial[1]) + (partial[2] + partial[3]);
+  return total;
 }
 
 // r = v_pred - v_target: grad_v_pred = g r, grad_x0 = keep g r, grad_x1 = -g r (x0 / x1 outputs optional)
@@ -86,10 +97,10 @@ TFX_CPU_SIMD void residual_gradients_span(const scalar_t* v_pred, const scalar_t
                                           acc_t keep, acc_t g, scalar_t* grad_v_pred, scalar_t* grad_x0,
                                           scalar_t* grad_x1) {
   for (int64_t i = 0; i < n; ++i) {
-    const acc_t gr = g * (static_cast<acc_t>(v_pred[i]) - (static_cast<acc_t>(x1[i]) - keep * static_cast<acc_t>(x0[i])));
-    grad_v_pred[i] = static_cast<scalar_t>(gr);
-    if (grad_x0 != nullptr) grad_x0[i] = static_cast<scalar_t>(keep * gr);
-    if (grad_x1 != nullptr) grad_x1[i] = static_cast<scalar_t>(-gr);
+    const acc_t gr = g * (load_as<acc_t>(v_pred[i]) - (load_as<acc_t>(x1[i]) - keep * load_as<acc_t>(x0[i])));
+    grad_v_pred[i] = store_as<scalar_t>(gr);
+    if (grad_x0 != nullptr) grad_x0[i] = store_as<scalar_t>(keep * gr);
+    if (grad_x1 != nullptr) grad_x1[i] = store_as<scalar_t>(-gr);
   }
 }
 
@@ -98,13 +109,13 @@ template <typename scalar_t, typename acc_t>
 TFX_CPU_SIMD void euler_span(const scalar_t* x, const scalar_t* v_cond, const scalar_t* v_uncond, int64_t n, acc_t dt,
                              acc_t scale, scalar_t* out) {
   if (v_uncond == nullptr) {
-    for (int64_t i = 0; i < n; ++i) out[i] = static_cast<scalar_t>(static_cast<acc_t>(x[i]) + dt * static_cast<acc_t>(v_cond[i]));
+    for (int64_t i = 0; i < n; ++i) out[i] = store_as<scalar_t>(load_as<acc_t>(x[i]) + dt * load_as<acc_t>(v_cond[i]));
     return;
   }
   for (int64_t i = 0; i < n; ++i) {
-    const acc_t vu = static_cast<acc_t>(v_uncond[i]);
-    const acc_t v = vu + scale * (static_cast<acc_t>(v_cond[i]) - vu);
-    out[i] = static_cast<scalar_t>(static_cast<acc_t>(x[i]) + dt * v);
+    const acc_t vu = load_as<acc_t>(v_uncond[i]);
+    const acc_t v = vu + scale * (load_as<acc_t>(v_cond[i]) - vu);
+    out[i] = store_as<scalar_t>(load_as<acc_t>(x[i]) + dt * v);
   }
 }
 
