@@ -84,6 +84,29 @@ def test_training_gradients_match_eager_autograd(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_interpolate_without_target(device):
+    """with_target=False: the same x_t and gradients (also to t, which needs the target internally), no v_target."""
+    base = latents((5, 7, 3), dtype=torch.float64, device=device, seed=8, count=2)
+    t_base = timesteps(5, device).double()
+    results = {}
+    for with_target in (True, False):
+        x0, x1 = [b.clone().requires_grad_() for b in base]
+        t = t_base.clone().requires_grad_()
+        x_t, v_target = flow.interpolate(x0, x1, t, SIGMA, with_target=with_target)
+        assert (v_target is None) == (not with_target)
+        (x_t * x_t).sum().backward()
+        results[with_target] = (x_t.detach(), x0.grad, x1.grad, t.grad)
+    for a, b in zip(results[True], results[False]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    x0, x1 = [b.clone().requires_grad_() for b in base]
+    t = t_base.clone().requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, b, c: flow.interpolate(a, b, c, SIGMA, with_target=False)[0], (x0, x1, t))
+    torch.library.opcheck(torch.ops.tokenflow_ext.flow_interpolate.default, (x0, x1, t, SIGMA, False))
+    with pytest.raises(TypeError, match="with_target"):
+        flow.interpolate(x0, x1, t, SIGMA, with_target=1)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_x1_grad_switch(device):
     v_pred, x0, x1 = [t.requires_grad_() for t in latents((3, 4, 5), device=device)]
     flow.matching_loss(v_pred, x0, x1, x1_grad=False).backward()
@@ -169,7 +192,7 @@ def test_torch_compile_fullgraph():
     t = timesteps(4)
 
     def train_step(a, b, tt):
-        x_t, _ = flow.interpolate(a, b, tt)
+        x_t, _ = flow.interpolate(a, b, tt, with_target=False)
         v_pred = x_t * weights
         return flow.matching_loss(v_pred, a, b)
 

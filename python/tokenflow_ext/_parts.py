@@ -56,6 +56,8 @@ def float_arg(op: str, name: str, value) -> float:
     A tensor is refused (``float(tensor)`` would silently drop its gradient and synchronise a GPU); so are
     bools and non-numbers.
     """
+    if type(value) is float:  # the common case, without the checks below (ops call this on every step)
+        return value
     if isinstance(value, torch.Tensor):
         why = " that requires grad (the op is not differentiable in it)" if value.requires_grad else ""
         raise TypeError(f"{op}: {name} must be a Python float, got a Tensor{why}; pass a float")
@@ -66,6 +68,8 @@ def float_arg(op: str, name: str, value) -> float:
 
 def bool_arg(op: str, name: str, value) -> bool:
     """``value`` as a Python bool (``bool`` or ``numpy.bool_`` only), or a TypeError naming the op and argument."""
+    if type(value) is bool:
+        return value
     if not isinstance(value, (bool, np.bool_, torch.SymBool)):
         raise TypeError(f"{op}: {name} must be a bool, got {type(value).__name__} {value!r}")
     return bool(value) if isinstance(value, (bool, np.bool_)) else value

@@ -84,9 +84,12 @@ def dtype_name(dtype: torch.dtype) -> str:
 _compiled: dict = {}
 
 
-def compile_once(fn: Callable) -> Callable:
+def compile_once(fn: Callable, *, fullgraph: bool = False) -> Callable:
     """``torch.compile(fn)``, built once per function for the whole run (baselines share compiled code)."""
-    return _compiled.setdefault(fn, torch.compile(fn, dynamic=False))
+    key = (fn, fullgraph)
+    if key not in _compiled:
+        _compiled[key] = torch.compile(fn, dynamic=False, fullgraph=fullgraph)
+    return _compiled[key]
 
 
 def compare_implementations(family: str, shape: str, dtype: torch.dtype, device: str, callables: dict,

@@ -36,7 +36,7 @@ def interpolate(x0: torch.Tensor, x1: torch.Tensor, t: torch.Tensor, sigma_min: 
     op = "tokenflow_ext.flow.interpolate"
     sigma_min = float_arg(op, "sigma_min", sigma_min)
     with_target = bool_arg(op, "with_target", with_target)
-    x_t, v_target = _ops.flow_interpolate(x0, x1 if x1_grad else x1.detach(), t, sigma_min, with_target)
+    x_t, v_target = _ops.flow_interpolate.default(x0, x1 if x1_grad else x1.detach(), t, sigma_min, with_target)
     return x_t, (v_target if with_target else None)
 
 
@@ -52,7 +52,7 @@ def matching_loss(v_pred: torch.Tensor, x0: torch.Tensor, x1: torch.Tensor, sigm
     if reduction not in REDUCTIONS:
         raise ValueError(f"matching_loss: reduction must be one of {REDUCTIONS}, got {reduction!r}")
     sigma_min = float_arg("tokenflow_ext.flow.matching_loss", "sigma_min", sigma_min)
-    per_sample = _ops.flow_matching_loss(v_pred, x0, x1 if x1_grad else x1.detach(), sigma_min)
+    per_sample = _ops.flow_matching_loss.default(v_pred, x0, x1 if x1_grad else x1.detach(), sigma_min)
     if reduction == "mean":
         return per_sample.mean()
     if reduction == "sum":
@@ -70,7 +70,7 @@ def euler_step(x: torch.Tensor, v_cond: torch.Tensor, v_uncond: torch.Tensor | N
     ``dt`` and ``s`` are Python floats: no host synchronisation, safe inside a CUDA graph.
     """
     op = "tokenflow_ext.flow.euler_step"
-    return _ops.flow_euler_step(x, v_cond, v_uncond, float_arg(op, "dt", dt),
+    return _ops.flow_euler_step.default(x, v_cond, v_uncond, float_arg(op, "dt", dt),
                                 float_arg(op, "guidance_scale", guidance_scale))
 
 
@@ -78,7 +78,8 @@ def euler_step_(x: torch.Tensor, v_cond: torch.Tensor, v_uncond: torch.Tensor | 
                 guidance_scale: float = 1.0) -> torch.Tensor:
     """In-place :func:`euler_step`: updates and returns ``x``."""
     op = "tokenflow_ext.flow.euler_step_"
-    _ops.flow_euler_step_(x, v_cond, v_uncond, float_arg(op, "dt", dt), float_arg(op, "guidance_scale", guidance_scale))
+    _ops.flow_euler_step_.default(x, v_cond, v_uncond, float_arg(op, "dt", dt),
+                                  float_arg(op, "guidance_scale", guidance_scale))
     return x
 
 

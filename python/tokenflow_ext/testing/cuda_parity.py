@@ -289,6 +289,8 @@ def _flow_case(name, shape, *, dtype=torch.float32, seed=2, emulate=True):
         x_t, v_target = interpolate_reference(x0, x1, t, sigma_min)
         problems += _close("x_t vs reference", x_t.to(dtype), actual["x_t"], dtype)
         problems += _close("v_target vs reference", v_target.to(dtype), actual["v_target"], dtype)
+        if not torch.equal(actual["x_t_no_target"], actual["x_t"]) or actual["v_target_skipped"].numel() != 0:
+            problems.append("with_target=False: x_t differs from the with-target call, or v_target is not empty")
         loss = matching_loss_reference(v, x0, x1, sigma_min, reduction="none")
         problems += _close("loss vs reference", loss.to(actual["loss"].dtype), actual["loss"],
                            torch.float64 if dtype == torch.float64 else torch.float32)
@@ -307,6 +309,8 @@ def _flow_case(name, shape, *, dtype=torch.float32, seed=2, emulate=True):
         grad_loss = torch.rand(B, generator=g).to(device)
         out = {"in_x0": x0, "in_x1": x1, "in_v": v, "in_t": t, "in_v_stacked": v_stacked}
         out["x_t"], out["v_target"] = ops.flow_interpolate(x0, x1, t, sigma_min)
+        # with_target=False: x_t alone, v_target comes back empty
+        out["x_t_no_target"], out["v_target_skipped"] = ops.flow_interpolate(x0, x1, t, sigma_min, False)
         # t in another float dtype than x is converted by the op
         out["x_t_t64"], _ = ops.flow_interpolate(x0, x1, t.double(), sigma_min)
         for tag, (gx, gv, n0, n1) in {"both": (x1, v, True, True), "xt_only": (x1, None, True, False),
