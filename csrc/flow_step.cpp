@@ -38,11 +38,8 @@ TORCH_LIBRARY_FRAGMENT(tokenflow_ext, m) {
 #include <optional>
 
 #include "common/checks.h"
+#include "common/op_name.h"
 
-// The op namespace as a string, expanded from the namespace token itself: the CUDA emulation build renames the
-// namespace with -Dtokenflow_ext=tokenflow_ext_emu, and these lookups must then find its own ops.
-#define TFX_STRINGIFY(token) #token
-#define TFX_OP_NAME(ns, op) TFX_STRINGIFY(ns) "::" op
 
 namespace tokenflow_ext {
 namespace {

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from .._parts import bool_arg, check_same_device_dtype, codebook_widths, gather_backward_composite, promote_floats
+from .._parts import bool_arg, check_same_device_dtype, codebook_widths, promote_floats
 
 _op = torch.ops.tokenflow_ext.codebook_gather
-_backward_op = torch.ops.tokenflow_ext.codebook_gather_backward
 
 
 def codebook_gather(
@@ -45,7 +44,7 @@ def codebook_gather(
     l2_norm = bool_arg("tokenflow_ext.codebook_gather", "l2_norm", l2_norm)
     deterministic = bool_arg("tokenflow_ext.codebook_gather", "deterministic", deterministic)
     semantic_codebook, pixel_codebook = promote_floats(semantic_codebook, pixel_codebook)
-    return _op(indices, semantic_codebook, pixel_codebook, l2_norm, deterministic)
+    return _op.default(indices, semantic_codebook, pixel_codebook, l2_norm, deterministic)
 
 
 @torch.library.register_fake("tokenflow_ext::codebook_gather")
@@ -63,23 +62,4 @@ def _codebook_gather_backward_fake(grad_rows, indices, semantic_codebook, pixel_
     return torch.empty_like(semantic_codebook), grad_pixel
 
 
-def _setup_context(ctx, inputs, output):
-    indices, semantic_codebook, pixel_codebook, l2_norm, deterministic = inputs
-    ctx.save_for_backward(indices, semantic_codebook, pixel_codebook)
-    ctx.l2_norm = l2_norm
-    ctx.deterministic = deterministic
-
-
-def _backward(ctx, grad_rows):
-    indices, semantic_codebook, pixel_codebook = ctx.saved_tensors
-    if torch.is_grad_enabled():  # create_graph=True: the backward must itself be differentiable
-        grad_semantic, grad_pixel = gather_backward_composite(grad_rows, indices, semantic_codebook, pixel_codebook,
-                                                              ctx.l2_norm)
-        return None, grad_semantic, grad_pixel, None, None
-    grad_semantic, grad_pixel = _backward_op(
-        grad_rows.contiguous(), indices, semantic_codebook, pixel_codebook, ctx.l2_norm, ctx.deterministic
-    )
-    return None, grad_semantic, (grad_pixel if pixel_codebook is not None else None), None, None
-
-
-torch.library.register_autograd("tokenflow_ext::codebook_gather", _backward, setup_context=_setup_context)
+# Autograd: in C++ (csrc/codebook_gather.cpp), with a differentiable formula for double backward.
