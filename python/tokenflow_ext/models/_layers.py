@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -20,6 +21,16 @@ class GeluMlp(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.gelu(self.fc1(x), approximate=self.approximate))
+
+
+def autocast_context(reference: torch.Tensor, dtype: torch.dtype | None):
+    """``torch.autocast`` on ``reference``'s device type to ``dtype`` (the models' opt-in reduced-precision
+    inference), or a no-op context for ``None`` (the default: exact fp32)."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    if dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"autocast_dtype must be None, torch.bfloat16 or torch.float16, got {dtype}")
+    return torch.autocast(reference.device.type, dtype=dtype)
 
 
 def fused_weights(owner: nn.Module, modules: tuple[nn.Module, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
