@@ -81,7 +81,7 @@ class CLIPVisionTower(nn.Module):
         return resize_positions(self.positional_embedding, grid_h, grid_w)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        tokens = self.conv1(x)
+        tokens = self.conv1(x).to(self.positional_embedding.dtype)  # an fp32 residual stream under autocast
         grid_h, grid_w = tokens.shape[-2:]
         tokens = tokens.flatten(2).transpose(1, 2)
         cls = self.class_embedding.to(tokens.dtype).expand(tokens.shape[0], 1, -1)

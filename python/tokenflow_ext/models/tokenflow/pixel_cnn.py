@@ -42,7 +42,7 @@ class ResnetBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
         h = self.conv2(self.dropout(F.silu(self.norm2(h))))
-        return (x if self.nin_shortcut is None else self.nin_shortcut(x)) + h
+        return (x if self.nin_shortcut is None else self.nin_shortcut(x).to(x.dtype)) + h
 
 
 class AttnBlock(nn.Module):
@@ -146,11 +146,12 @@ class PixelEncoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if channels_last_inference(x):
             x = x.contiguous(memory_format=torch.channels_last)
-        h = self.conv_in(x)
+        stream = self.conv_in.weight.dtype  # the residual stream keeps it under autocast (a no-op otherwise)
+        h = self.conv_in(x).to(stream)
         for stage in self.conv_blocks:
             h = stage(h)
             if hasattr(stage, "downsample"):
-                h = stage.downsample(h)
+                h = stage.downsample(h).to(stream)
         for block in self.mid:
             h = block(h)
         return self.conv_out(F.silu(self.norm_out(h))).contiguous()
@@ -191,11 +192,12 @@ class PixelDecoder(nn.Module):
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         if channels_last_inference(z):
             z = z.contiguous(memory_format=torch.channels_last)
-        h = self.conv_in(z)
+        stream = self.conv_in.weight.dtype  # the residual stream keeps it under autocast (a no-op otherwise)
+        h = self.conv_in(z).to(stream)
         for block in self.mid:
             h = block(h)
         for stage in self.conv_blocks:
             h = stage(h)
             if hasattr(stage, "upsample"):
-                h = stage.upsample(h)
+                h = stage.upsample(h).to(stream)
         return self.conv_out(F.silu(self.norm_out(h))).contiguous()
