@@ -64,8 +64,11 @@ def grid(mode: str) -> list[tuple[str, object]]:
                   ("flow_step", FlowProblem(shape, layout="split")),
                   ("flow_step", FlowProblem(shape, guidance_scale=1.0)), ("flow_loop", FlowProblem(shape)),
                   ("flow_loop", FlowProblem(shape, steps=50))]
-    cases += [("tokenizer", TokenizerProblem("clipb_256", enhanced_decoder=True)),
-              ("tokenizer", TokenizerProblem("siglip_384")), ("flowtok", FlowTokSampleProblem("B", 64))]
+    cases += [("tokenizer", TokenizerProblem(config, 8, autocast=autocast))
+              for config in ("clipb_256", "siglip_384") for autocast in (None, "bf16")]
+    cases += [("tokenizer", TokenizerProblem("clipb_256", 8, enhanced_decoder=True, op="decode", autocast=autocast))
+              for autocast in (None, "bf16")]
+    cases += [("flowtok", FlowTokSampleProblem("B", 64, autocast=autocast)) for autocast in (None, "bf16")]
     cases += [("train", TrainStepProblem("clipb_256", 2)), ("train", TrainStepProblem("siglip_384", 1))]
     cases += t2i_op + [("t2i", T2IProblem(refinement="loop1")), ("t2i", T2IProblem(refinement="loop3"))]
     return cases

@@ -1,10 +1,14 @@
-"""Whole-model cases: TokenFlow tokenizer encode throughput with our quantizer vs the same model with the
-official eager quantizer (N x K distances, one-hot, d_norm logging)."""
+"""Whole-model inference cases, ours against the official-style eager path
+(:mod:`tokenflow_ext.reference.official_models`: the same weights, computed as the official code does):
+TokenFlow tokenizer ``tokenize`` (encode to indices) and ``decode_indices``, FlowTok text -> latent sampling.
+Each case has an fp32 row (exact: equal indices, latents / images within 1e-3 relative) and, with
+``autocast="bf16"``, a row of the opt-in ``autocast_dtype=torch.bfloat16`` path that reports its agreement
+with the fp32 official path instead of requiring it."""
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -12,42 +16,65 @@ import torch
 from .rows import Row, timing_fields
 from .timing import peak_extra_memory, summarize, synchronize
 
+AUTOCAST = {None: None, "bf16": torch.bfloat16}
+
 
 @dataclass
 class TokenizerProblem:
-    """``config`` at full official size with random weights, ``batch`` random images, eval mode."""
+    """``config`` at full official size with random weights (``overrides`` shrink it, for the tests),
+    ``batch`` random images, eval mode. ``op``: ``"encode"`` (``tokenize``) or ``"decode"``
+    (``decode_indices`` of the official path's indices). ``autocast``: ``None`` or ``"bf16"`` (ours only)."""
 
     config: str = "clipb_256"
     batch: int = 8
     enhanced_decoder: bool = False
+    op: str = "encode"
+    autocast: str | None = None
+    overrides: dict = field(default_factory=dict)
 
     @property
     def shape(self) -> str:
-        return f"{self.config} B={self.batch}"
+        decoder = " enhanced" if self.enhanced_decoder and self.op == "decode" else ""
+        precision = " bf16-autocast" if self.autocast else ""
+        return f"{self.config}{decoder} {self.op} B={self.batch}{precision}"
+
+
+def _tokenizer_pair(problem: TokenizerProblem, device: str):
+    from tokenflow_ext.models import TokenFlowTokenizer  # noqa: PLC0415
+    from tokenflow_ext.reference.official_models import OfficialStyleTokenFlow  # noqa: PLC0415
+
+    torch.manual_seed(0)
+    tokenizer = TokenFlowTokenizer(problem.config, enhanced_decoder=problem.enhanced_decoder,
+                                   **problem.overrides).to(device).eval()
+    official = OfficialStyleTokenFlow.like(tokenizer)
+    size = tokenizer.config.image_size
+    images = torch.rand(problem.batch, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device) * 2 - 1
+    return tokenizer, official, images
 
 
 def tokenizer_encode_callables(problem: TokenizerProblem, device: str) -> dict[str, Callable]:
-    """``"fused"``: ``tokenizer.encode``; ``"official-eager"``: the same encoders, then TokenFlow's own
-    multi-scale loop and quantizer formulas. Both return the indices."""
-    from tokenflow_ext.models import TokenFlowTokenizer  # noqa: PLC0415
-    from tokenflow_ext.reference import official_multiscale_encode  # noqa: PLC0415
+    """``"fused"``: ``tokenizer.tokenize`` (``autocast_dtype`` per the problem); ``"official-eager"``: the
+    official-style ``encode`` (official encoders' op order and attention, N x K quantizer). Both return the
+    indices."""
+    tokenizer, official, images = _tokenizer_pair(problem, device)
+    dtype = AUTOCAST[problem.autocast]
+    return {"fused": lambda: tokenizer.tokenize(images, autocast_dtype=dtype),
+            "official-eager": lambda: official.official_encode(images)[2]}
 
-    torch.manual_seed(0)
-    tokenizer = TokenFlowTokenizer(problem.config, enhanced_decoder=problem.enhanced_decoder).to(device).eval()
-    size = tokenizer.config.image_size
-    images = torch.rand(problem.batch, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device) * 2 - 1
+
+def tokenizer_decode_callables(problem: TokenizerProblem, device: str) -> dict[str, Callable]:
+    """``"fused"``: ``tokenizer.decode_indices``; ``"official-eager"``: the official ``decode_code`` (which
+    also runs the semantic decoder, as the official module always does). Both return the image, decoded from
+    the official path's indices of the problem's images."""
+    tokenizer, official, images = _tokenizer_pair(problem, device)
+    indices = official.official_encode(images)[2]
+    dtype = AUTOCAST[problem.autocast]
 
     @torch.no_grad()
     def fused():
-        return tokenizer.encode(images).indices
+        return tokenizer.decode_indices(indices, autocast_dtype=dtype)
 
-    @torch.no_grad()
-    def official():
-        h = torch.cat([tokenizer.semantic_features(images), tokenizer.pixel_features(images)], dim=1)
-        return official_multiscale_encode(h, tokenizer.quantize.embedding_vqkd.weight,
-                                          tokenizer.quantize.embedding_vqgan.weight, tokenizer.config.scales)[2]
-
-    return {"fused": fused, "official-eager": official}
+    return {"fused": fused, "official-eager": lambda: official.official_decode_code(indices)[1]}
 
 
 def _timed_peak(fn: Callable, device: str) -> tuple[float, int | None]:
@@ -67,7 +94,7 @@ def _timed_peak(fn: Callable, device: str) -> tuple[float, int | None]:
 
 
 def compare_models(family: str, shape: str, batch: int, callables: dict[str, Callable], device: str,
-                   compare: Callable, *, repeats: int = 1, warmup: bool = True) -> list[Row]:
+                   compare: Callable, *, repeats: int = 1, warmup: bool = True, dtype: str = "float32") -> list[Row]:
     """Whole-model row: ``callables["fused"]`` vs ``callables["official-eager"]``, each timed ``repeats``
     times in alternation (median and spread) with its peak memory. Without ``warmup`` the first timed call's
     result is the one compared (for calls of minutes). ``compare(ours, theirs) -> (ok, text)``. Reports
@@ -85,20 +112,38 @@ def compare_models(family: str, shape: str, batch: int, callables: dict[str, Cal
     ok, text = compare(results["fused"][0], results["official-eager"][0])
     spread = {name: summarize([ms for ms, _ in runs]) for name, runs in timings.items()}
     rate = {name: batch / timing.median_ms * 1e3 for name, timing in spread.items()}
-    return [Row(family=family, shape=shape, dtype="float32", device=device, baseline="official-eager",
+    return [Row(family=family, shape=shape, dtype=dtype, device=device, baseline="official-eager",
                 baseline_peak=timings["official-eager"][0][1], ours_peak=timings["fused"][0][1],
                 agreement=f"{text}; {rate['fused']:.2f} vs {rate['official-eager']:.2f} images/s", ok=ok,
                 extra={"images_per_s": rate["fused"], "baseline_images_per_s": rate["official-eager"]},
                 **timing_fields(spread["fused"], spread["official-eager"]))]
 
 
+def _close(ours, theirs, exact: bool) -> tuple[bool, str]:
+    error = (ours.float() - theirs.float()).abs().max().item()
+    if not exact:
+        return True, f"opt-in bf16: max |diff| {error:.1e} vs fp32 official (|max| {theirs.abs().max().item():.2g})"
+    ok = error <= 1e-3 * max(1.0, theirs.abs().max().item())
+    return ok, f"{'max |diff|' if ok else 'FAIL'} {error:.1e}"
+
+
 def run_tokenizer_case(problem: TokenizerProblem, device: str, *, repeats: int = 1) -> list[Row]:
+    exact = problem.autocast is None
+    dtype = "float32" if exact else f"{problem.autocast}-autocast"
+    if problem.op == "decode":
+        return compare_models("tokenizer decode_indices", problem.shape, problem.batch,
+                              tokenizer_decode_callables(problem, device), device,
+                              lambda ours, theirs: _close(ours, theirs, exact), repeats=repeats, dtype=dtype)
+
     def same_indices(ours, theirs):
-        ok = torch.equal(ours, theirs)
-        return ok, "indices match" if ok else "FAIL"
+        if exact:
+            ok = torch.equal(ours, theirs)
+            return ok, "indices match" if ok else f"FAIL: {(ours == theirs).float().mean().item():.2%} agree"
+        agree = (ours == theirs).float().mean().item()
+        return True, f"opt-in bf16: {agree:.1%} of indices equal the fp32 official ones"
 
     return compare_models("tokenizer encode", problem.shape, problem.batch, tokenizer_encode_callables(problem, device),
-                          device, same_indices, repeats=repeats)
+                          device, same_indices, repeats=repeats, dtype=dtype)
 
 
 @dataclass
@@ -106,55 +151,56 @@ class FlowTokSampleProblem:
     """FlowTok text -> image-latent sampling: ``preset`` flow transformer (random weights, eval), ``batch``
     prompts as CLIP features, ``steps`` Euler steps with CFG ``guidance_scale``. Decoding is not timed."""
 
-    preset: str = "B"
+    preset: str | tuple = "B"
     batch: int = 64
     steps: int = 20
     guidance_scale: float = 2.0
+    autocast: str | None = None
+    flow_kwargs: dict = field(default_factory=dict)  # FlowTransformer sizes (the tests shrink it)
 
     @property
     def shape(self) -> str:
-        return f"FlowTok-{self.preset} B={self.batch} {self.steps} steps s={self.guidance_scale:g}"
+        precision = " bf16-autocast" if self.autocast else ""
+        return f"FlowTok-{self.preset} B={self.batch} {self.steps} steps s={self.guidance_scale:g}{precision}"
 
 
 def flowtok_sample_callables(problem: FlowTokSampleProblem, device: str) -> dict[str, Callable]:
     """``"fused"``: ``FlowTok.generate(decode=False)`` (one stacked cond/uncond forward per step, the fused
-    in-place CFG + Euler step); ``"official-eager"``: the official solver's loop (two forward passes per
-    step, eager ``x + dt * (v_u + s (v_c - v_u))``), same time grid and text latents. Both return latents."""
+    in-place CFG + Euler step, ``autocast_dtype`` per the problem); ``"official-eager"``: the official-style
+    nnet (:class:`OfficialStyleFlowTransformer`, same weights) in the official solver loop (two forward
+    passes per step, eager ``x + dt * (v_u + s (v_c - v_u))``), same time grid and text latents. Both
+    return latents."""
     from tokenflow_ext.models import FlowTok  # noqa: PLC0415
+    from tokenflow_ext.reference.official_models import (  # noqa: PLC0415
+        OfficialStyleFlowTransformer,
+        official_flowtok_sample,
+    )
 
     torch.manual_seed(0)
-    model = FlowTok(problem.preset, text_encoder=False, tokenizer=False).to(device).eval()
+    model = FlowTok(problem.preset, text_encoder=False, tokenizer=False, **problem.flow_kwargs).to(device).eval()
     for parameter in model.nnet.final_layer.parameters():  # adaLN-Zero init predicts 0: make the flow non-trivial
         torch.nn.init.normal_(parameter, std=0.02)
+    official = OfficialStyleFlowTransformer.like(model.nnet).eval()
     features = torch.randn(problem.batch, 77, model.nnet.clip_dim, generator=torch.Generator().manual_seed(0)).to(device)
+    dtype = AUTOCAST[problem.autocast]
 
     @torch.no_grad()
     def fused():
         return model.generate(features, num_steps=problem.steps, guidance_scale=problem.guidance_scale,
-                              decode=False, generator=torch.Generator(device).manual_seed(1))
+                              decode=False, generator=torch.Generator(device).manual_seed(1), autocast_dtype=dtype)
 
     @torch.no_grad()
-    def official():
-        x, _, _ = model.nnet.encode_text(features, generator=torch.Generator(device).manual_seed(1))
-        times = torch.linspace(0, 1 - 1e-5, problem.steps, device=device)
-        dt = (1 - 1e-5) / problem.steps
-        cond = torch.zeros(problem.batch, dtype=torch.bool, device=device)
-        for t_value in times:
-            t = t_value.repeat(problem.batch)
-            v_cond, v_uncond = model.nnet(x, t, cond), model.nnet(x, t, ~cond)
-            x = x + dt * (v_uncond + problem.guidance_scale * (v_cond - v_uncond))
-        return x
+    def official_loop():
+        x0, _, _ = official.encode_text(features, generator=torch.Generator(device).manual_seed(1))
+        return official_flowtok_sample(official, x0, problem.steps, problem.guidance_scale)
 
-    return {"fused": fused, "official-eager": official}
+    return {"fused": fused, "official-eager": official_loop}
 
 
 def run_flowtok_sample_case(problem: FlowTokSampleProblem, device: str, *, repeats: int = 1) -> list[Row]:
     """No warm-up: a CPU run of FlowTok-B at batch 64 takes minutes, so the first, timed call of each
     sampler is also the one whose latents are compared."""
-    def close_latents(ours, theirs):
-        error = (ours - theirs).abs().max().item()
-        ok = error <= 1e-3 * max(1.0, theirs.abs().max().item())
-        return ok, f"{'max |diff|' if ok else 'FAIL'} {error:.1e}"
-
+    exact = problem.autocast is None
     return compare_models("flowtok sampling", problem.shape, problem.batch, flowtok_sample_callables(problem, device),
-                          device, close_latents, repeats=repeats, warmup=False)
+                          device, lambda ours, theirs: _close(ours, theirs, exact), repeats=repeats, warmup=False,
+                          dtype="float32" if exact else f"{problem.autocast}-autocast")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -22,10 +23,43 @@ class GeluMlp(nn.Module):
         return self.fc2(F.gelu(self.fc1(x), approximate=self.approximate))
 
 
+def autocast_context(reference: torch.Tensor, dtype: torch.dtype | None):
+    """``torch.autocast`` on ``reference``'s device type to ``dtype`` (the models' opt-in reduced-precision
+    inference), or a no-op context for ``None`` (the default: exact fp32)."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    if dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"autocast_dtype must be None, torch.bfloat16 or torch.float16, got {dtype}")
+    return torch.autocast(reference.device.type, dtype=dtype)
+
+
+def fused_weights(owner: nn.Module, modules: tuple[nn.Module, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(cat of the modules' weights as 2-D matrices, cat of their biases)``, cached on ``owner`` for
+    inference: rebuilt whenever a weight or bias changes (storage, version counter, dtype or device), so
+    loading a state dict, ``.to()`` or an optimizer step never leaves a stale copy. The state dict keeps the
+    official separate keys; only the forward pass reads one matrix (one GEMM instead of several)."""
+    tensors = [t for m in modules for t in (m.weight, m.bias) if t is not None]
+    key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
+    cached = owner.__dict__.get("_fused_cache")
+    if cached is None or cached[0] != key:
+        weight = torch.cat([m.weight.detach().reshape(m.weight.shape[0], -1) for m in modules])
+        biases = [m.bias for m in modules]
+        bias = None if any(b is None for b in biases) else torch.cat([b.detach() for b in biases])
+        cached = (key, weight, bias)
+        owner.__dict__["_fused_cache"] = cached
+    return cached[1], cached[2]
+
+
 def projected_attention(x: torch.Tensor, q_proj: nn.Linear, k_proj: nn.Linear, v_proj: nn.Linear,
                         out_proj: nn.Linear, heads: int, dropout: float = 0.0) -> torch.Tensor:
     """Unmasked multi-head self-attention with separate q, k, v and output projections: ``(B, N, C)``."""
     b, n, c = x.shape
+    if not torch.is_grad_enabled() and q_proj.weight.shape == k_proj.weight.shape == v_proj.weight.shape:
+        # Inference: one GEMM on the concatenated weights (cached; the keys stay q/k/v_proj).
+        weight, bias = fused_weights(q_proj, (q_proj, k_proj, v_proj))
+        qkv = F.linear(x, weight, bias).reshape(b, n, 3, heads, c // heads).permute(2, 0, 3, 1, 4)
+        attended = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], dropout_p=dropout)
+        return out_proj(attended.transpose(1, 2).reshape(b, n, c))
     q, k, v = (proj(x).reshape(b, n, heads, c // heads).transpose(1, 2) for proj in (q_proj, k_proj, v_proj))
     return out_proj(F.scaled_dot_product_attention(q, k, v, dropout_p=dropout).transpose(1, 2).reshape(b, n, c))
 

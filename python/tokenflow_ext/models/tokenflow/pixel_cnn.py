@@ -12,6 +12,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._layers import fused_weights
+
+
+def channels_last_inference(x: torch.Tensor) -> bool:
+    """The pixel CNN runs its activations channels-last (NHWC) for CPU inference: oneDNN's convolutions,
+    GroupNorm and the 1x1 projections as plain GEMMs over ``(B*H*W, C)`` then need no layout reorders.
+    Training and CUDA keep the default NCHW layout."""
+    return x.device.type == "cpu" and not torch.is_grad_enabled()
+
 
 def group_norm(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
@@ -33,7 +42,7 @@ class ResnetBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
         h = self.conv2(self.dropout(F.silu(self.norm2(h))))
-        return (x if self.nin_shortcut is None else self.nin_shortcut(x)) + h
+        return (x if self.nin_shortcut is None else self.nin_shortcut(x).to(x.dtype)) + h
 
 
 class AttnBlock(nn.Module):
@@ -49,10 +58,23 @@ class AttnBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
+        if x.is_contiguous(memory_format=torch.channels_last) and not torch.is_grad_enabled():
+            return self._forward_nhwc(x)
         normed = self.norm(x)
         q, k, v = (conv(normed).reshape(b, 1, c, h * w).transpose(-1, -2) for conv in (self.q, self.k, self.v))
         attended = F.scaled_dot_product_attention(q, k, v)  # (b, 1, hw, c)
         return x + self.proj_out(attended.transpose(-1, -2).reshape(b, c, h, w))
+
+    def _forward_nhwc(self, x: torch.Tensor) -> torch.Tensor:
+        """Inference on a channels-last ``x``: the 1x1 convolutions are GEMMs over ``(B, HW, C)`` views,
+        q, k and v one GEMM on their cached concatenated weights; no copies between layouts."""
+        b, c, h, w = x.shape
+        tokens = self.norm(x).permute(0, 2, 3, 1).reshape(b, 1, h * w, c)
+        weight, bias = fused_weights(self, (self.q, self.k, self.v))
+        q, k, v = F.linear(tokens, weight, bias).chunk(3, dim=-1)
+        attended = F.scaled_dot_product_attention(q, k, v)  # (b, 1, hw, c)
+        out = F.linear(attended, self.proj_out.weight.reshape(c, c), self.proj_out.bias)
+        return x + out.reshape(b, h, w, c).permute(0, 3, 1, 2)
 
 
 class Downsample(nn.Module):
@@ -122,14 +144,17 @@ class PixelEncoder(nn.Module):
         self.conv_out = nn.Conv2d(block_in, z_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv_in(x)
+        if channels_last_inference(x):
+            x = x.contiguous(memory_format=torch.channels_last)
+        stream = self.conv_in.weight.dtype  # the residual stream keeps it under autocast (a no-op otherwise)
+        h = self.conv_in(x).to(stream)
         for stage in self.conv_blocks:
             h = stage(h)
             if hasattr(stage, "downsample"):
-                h = stage.downsample(h)
+                h = stage.downsample(h).to(stream)
         for block in self.mid:
             h = block(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(F.silu(self.norm_out(h))).contiguous()
 
 
 class PixelDecoder(nn.Module):
@@ -165,11 +190,14 @@ class PixelDecoder(nn.Module):
         return self.conv_out.weight
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        h = self.conv_in(z)
+        if channels_last_inference(z):
+            z = z.contiguous(memory_format=torch.channels_last)
+        stream = self.conv_in.weight.dtype  # the residual stream keeps it under autocast (a no-op otherwise)
+        h = self.conv_in(z).to(stream)
         for block in self.mid:
             h = block(h)
         for stage in self.conv_blocks:
             h = stage(h)
             if hasattr(stage, "upsample"):
-                h = stage.upsample(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+                h = stage.upsample(h).to(stream)
+        return self.conv_out(F.silu(self.norm_out(h))).contiguous()

@@ -59,7 +59,10 @@ class SiglipEmbeddings(nn.Module):
         if tokens.shape[1] != self.position_embedding.num_embeddings:
             raise ValueError(f"SiglipVisionTower: {tokens.shape[1]} patches, but the positional embedding has "
                              f"{self.position_embedding.num_embeddings} (input {tuple(x.shape[-2:])})")
-        return tokens + self.position_embedding.weight.to(tokens.dtype)
+        # The residual stream stays in the parameters' dtype: under bf16 autocast only the GEMMs and the
+        # patch convolution round to bf16, not the running sum over the 26 layers.
+        positions = self.position_embedding.weight
+        return tokens.to(positions.dtype) + positions
 
 
 class SiglipEncoder(nn.Module):

@@ -15,6 +15,7 @@ from ...nn.dual_codebook import DualCodebookQuantizer
 from ...nn.multiscale import MultiScaleQuantizer
 from .._checkpoint import CheckpointError, load_checked, read_checkpoint, write_checkpoint
 from .._inference import evaluating, inference_when_eval
+from .._layers import autocast_context
 from .clip_vision import CLIPVisionTower
 from .config import CLIP_MEAN, CLIP_STD, SIGLIP_MEAN, SIGLIP_STD, TokenFlowConfig, resolve_config
 from .pixel_cnn import PixelDecoder, PixelEncoder
@@ -200,21 +201,30 @@ class TokenFlowTokenizer(nn.Module):
         return self.quant_conv(self.encoder(x))
 
     @inference_when_eval
-    def encode(self, images: torch.Tensor) -> EncodeResult:
-        """Images ``(B, 3, H, W)`` in [-1, 1] -> :class:`EncodeResult` ``(features, losses, indices)``."""
-        self._check_images(images)
-        h = torch.cat([self.semantic_features(images), self.pixel_features(images)], dim=1)
-        return EncodeResult(*self.residual_quantizer(h))
+    def encode(self, images: torch.Tensor, *, autocast_dtype: torch.dtype | None = None) -> EncodeResult:
+        """Images ``(B, 3, H, W)`` in [-1, 1] -> :class:`EncodeResult` ``(features, losses, indices)``.
 
-    def tokenize(self, images: torch.Tensor) -> torch.Tensor:
+        ``autocast_dtype`` (opt-in, default ``None`` = exact in the model's dtype): run the two encoders under
+        ``torch.autocast`` to ``torch.bfloat16`` (or ``float16``); the multi-scale quantizer still runs in the
+        model's dtype. Faster on CPUs with bf16 instructions (about 2x on one CPU core), but the indices are
+        no longer those of the fp32 path: a code near a tie flips, and a flip changes the residual of every
+        later scale, so the coarse scales agree and the fine ones diverge (random full-size weights: 73% of
+        clipb_256's and 13% of siglip_384's indices matched). Use it where approximate tokens are acceptable."""
+        self._check_images(images)
+        with autocast_context(images, autocast_dtype):
+            h = torch.cat([self.semantic_features(images), self.pixel_features(images)], dim=1)
+        return EncodeResult(*self.residual_quantizer(h.to(self.quant_conv.weight.dtype)))
+
+    def tokenize(self, images: torch.Tensor, *, autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
         """Images -> shared indices ``(B, sum s^2)`` int64, scale by scale, row-major within a scale.
 
         Always runs as inference, whatever the module's mode: under ``torch.inference_mode()``, with every
         scale (no training-mode scale dropout) and without touching the quantizer's training state (usage
         window, EMA, k-means); the mode is restored afterwards. The indices come back as a normal tensor
-        (not an inference tensor), so they can be edited in place and decoded by a model in training mode."""
+        (not an inference tensor), so they can be edited in place and decoded by a model in training mode.
+        ``autocast_dtype``: as in :meth:`encode` (opt-in bf16 encoders; approximate indices)."""
         with torch.inference_mode(), evaluating(self, self.residual_quantizer):
-            indices = self.encode(images).indices
+            indices = self.encode(images, autocast_dtype=autocast_dtype).indices
         return indices.clone()
 
     @inference_when_eval
@@ -260,9 +270,16 @@ class TokenFlowTokenizer(nn.Module):
         return self.residual_quantizer.decode_indices(indices)
 
     @inference_when_eval
-    def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
-        """Indices ``(B, L)`` -> image ``(B, 3, image_size, image_size)`` (official ``decode_code``, pixel half)."""
-        return self.decode_pixels(self.features_from_indices(indices))
+    def decode_indices(self, indices: torch.Tensor, *, autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Indices ``(B, L)`` -> image ``(B, 3, image_size, image_size)`` (official ``decode_code``, pixel half).
+
+        ``autocast_dtype`` (opt-in, default ``None`` = exact): run the pixel decoder under ``torch.autocast``
+        to that dtype (``torch.bfloat16``); the image comes back in the model's dtype, within a few 1e-2 of
+        the exact one on random weights."""
+        features = self.features_from_indices(indices)
+        with autocast_context(features, autocast_dtype):
+            image = self.decode_pixels(features)
+        return image.to(features.dtype)
 
     def forward(self, images: torch.Tensor) -> tuple[DecodeResult, tuple]:
         """Official ``forward``: ``((semantic, image), losses)``."""
