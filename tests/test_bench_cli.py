@@ -145,6 +145,14 @@ def test_whole_model_rows_carry_the_spread():
     assert row.ok and row.repeats == 2 and row.speedup_range is not None
     calls = []
     callables = {"fused": lambda: calls.append("fused") or 1, "official-eager": lambda: calls.append("eager") or 1}
-    (row,) = compare_models("toy", "s", 4, callables, "cpu", lambda a, b: (a == b, "same"), repeats=2)
+    (row,) = compare_models("toy", "s", 4, callables, "cpu", lambda a, b, variant: (a == b, "same"), repeats=2)
     assert calls == ["fused", "eager", "fused", "eager", "eager", "fused"]  # warm-up, then alternating rounds
     assert row.ok and row.ours_min_ms <= row.ours_ms and row.extra["images_per_s"] > 0
+    # a "fused <variant>" entry is timed in the same rounds and gets its own row against the same baseline
+    callables["fused bf16"] = lambda: calls.append("bf16") or 2
+    calls.clear()
+    rows = compare_models("toy", "s", 4, callables, "cpu", lambda a, b, variant: (variant or a == b, str(variant)),
+                          repeats=2, warmup=False)
+    assert calls == ["fused", "eager", "bf16", "bf16", "eager", "fused"]
+    assert [(r.dtype, r.agreement.split(";")[0], r.baseline_ms) for r in rows] == [
+        ("float32", "None", rows[0].baseline_ms), ("bf16-autocast", "bf16", rows[0].baseline_ms)]

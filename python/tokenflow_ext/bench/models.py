@@ -2,8 +2,9 @@
 (:mod:`tokenflow_ext.reference.official_models`: the same weights, computed as the official code does):
 TokenFlow tokenizer ``tokenize`` (encode to indices) and ``decode_indices``, FlowTok text -> latent sampling.
 Each case has an fp32 row (exact: equal indices, latents / images within 1e-3 relative) and, with
-``autocast="bf16"``, a row of the opt-in ``autocast_dtype=torch.bfloat16`` path that reports its agreement
-with the fp32 official path instead of requiring it."""
+``autocast="bf16"`` (the default), a row of the opt-in ``autocast_dtype=torch.bfloat16`` path that reports its
+agreement with the fp32 official path instead of requiring it. Both rows come from one run: ours fp32, ours
+bf16 and the official path are timed in turns, and both rows divide by the same official timings."""
 
 from __future__ import annotations
 
@@ -23,20 +24,20 @@ AUTOCAST = {None: None, "bf16": torch.bfloat16}
 class TokenizerProblem:
     """``config`` at full official size with random weights (``overrides`` shrink it, for the tests),
     ``batch`` random images, eval mode. ``op``: ``"encode"`` (``tokenize``) or ``"decode"``
-    (``decode_indices`` of the official path's indices). ``autocast``: ``None`` or ``"bf16"`` (ours only)."""
+    (``decode_indices`` of the official path's indices). ``autocast``: ``"bf16"`` adds the row of ours under
+    bf16 autocast; ``None``: the fp32 row only."""
 
     config: str = "clipb_256"
     batch: int = 8
     enhanced_decoder: bool = False
     op: str = "encode"
-    autocast: str | None = None
+    autocast: str | None = "bf16"
     overrides: dict = field(default_factory=dict)
 
     @property
     def shape(self) -> str:
         decoder = " enhanced" if self.enhanced_decoder and self.op == "decode" else ""
-        precision = " bf16-autocast" if self.autocast else ""
-        return f"{self.config}{decoder} {self.op} B={self.batch}{precision}"
+        return f"{self.config}{decoder} {self.op} B={self.batch}"
 
 
 def _tokenizer_pair(problem: TokenizerProblem, device: str):
@@ -52,14 +53,21 @@ def _tokenizer_pair(problem: TokenizerProblem, device: str):
     return tokenizer, official, images
 
 
+def _with_autocast_variant(problem, fused: Callable[[torch.dtype | None], Callable]) -> dict[str, Callable]:
+    """``{"fused": fused(None)}``, plus ``"fused <autocast>"`` = ``fused(dtype)`` when the problem asks for it."""
+    callables = {"fused": fused(None)}
+    if problem.autocast is not None:
+        callables[f"fused {problem.autocast}"] = fused(AUTOCAST[problem.autocast])
+    return callables
+
+
 def tokenizer_encode_callables(problem: TokenizerProblem, device: str) -> dict[str, Callable]:
-    """``"fused"``: ``tokenizer.tokenize`` (``autocast_dtype`` per the problem); ``"official-eager"``: the
-    official-style ``encode`` (official encoders' op order and attention, N x K quantizer). Both return the
-    indices."""
+    """``"fused"``: ``tokenizer.tokenize``; ``"fused bf16"`` (with ``autocast``): the same under bf16
+    autocast; ``"official-eager"``: the official-style ``encode`` (official encoders' op order and attention,
+    N x K quantizer). All return the indices."""
     tokenizer, official, images = _tokenizer_pair(problem, device)
-    dtype = AUTOCAST[problem.autocast]
-    return {"fused": lambda: tokenizer.tokenize(images, autocast_dtype=dtype),
-            "official-eager": lambda: official.official_encode(images)[2]}
+    callables = _with_autocast_variant(problem, lambda dtype: lambda: tokenizer.tokenize(images, autocast_dtype=dtype))
+    return {**callables, "official-eager": lambda: official.official_encode(images)[2]}
 
 
 def tokenizer_decode_callables(problem: TokenizerProblem, device: str) -> dict[str, Callable]:
@@ -68,13 +76,11 @@ def tokenizer_decode_callables(problem: TokenizerProblem, device: str) -> dict[s
     the official path's indices of the problem's images."""
     tokenizer, official, images = _tokenizer_pair(problem, device)
     indices = official.official_encode(images)[2]
-    dtype = AUTOCAST[problem.autocast]
 
-    @torch.no_grad()
-    def fused():
-        return tokenizer.decode_indices(indices, autocast_dtype=dtype)
+    def fused(dtype):
+        return torch.no_grad()(lambda: tokenizer.decode_indices(indices, autocast_dtype=dtype))
 
-    return {"fused": fused, "official-eager": lambda: official.official_decode_code(indices)[1]}
+    return {**_with_autocast_variant(problem, fused), "official-eager": lambda: official.official_decode_code(indices)[1]}
 
 
 def _timed_peak(fn: Callable, device: str) -> tuple[float, int | None]:
@@ -95,10 +101,12 @@ def _timed_peak(fn: Callable, device: str) -> tuple[float, int | None]:
 
 def compare_models(family: str, shape: str, batch: int, callables: dict[str, Callable], device: str,
                    compare: Callable, *, repeats: int = 1, warmup: bool = True, dtype: str = "float32") -> list[Row]:
-    """Whole-model row: ``callables["fused"]`` vs ``callables["official-eager"]``, each timed ``repeats``
-    times in alternation (median and spread) with its peak memory. Without ``warmup`` the first timed call's
-    result is the one compared (for calls of minutes). ``compare(ours, theirs) -> (ok, text)``. Reports
-    images/s."""
+    """Whole-model rows: ``callables["fused"]`` (and every other ``"fused <variant>"`` entry, e.g.
+    ``"fused bf16"``) vs ``callables["official-eager"]``, all timed ``repeats`` times in turns (median and
+    spread) with peak memory; one row per ours, each against the same baseline timings. Without ``warmup``
+    the first timed call's result is the one compared (for calls of minutes). ``compare(ours, theirs, variant)
+    -> (ok, text)``, variant ``None`` for ``"fused"``. Reports images/s. A variant's row has the dtype
+    ``"<variant>-autocast"``."""
     results: dict[str, list] = {name: [] for name in callables}
     timings: dict[str, list] = {name: [] for name in callables}
     if warmup:
@@ -109,14 +117,19 @@ def compare_models(family: str, shape: str, batch: int, callables: dict[str, Cal
         for name in names:
             fn = callables[name]
             timings[name].append(_timed_peak(lambda fn=fn, name=name: results[name].append(fn()), device))
-    ok, text = compare(results["fused"][0], results["official-eager"][0])
     spread = {name: summarize([ms for ms, _ in runs]) for name, runs in timings.items()}
     rate = {name: batch / timing.median_ms * 1e3 for name, timing in spread.items()}
-    return [Row(family=family, shape=shape, dtype=dtype, device=device, baseline="official-eager",
-                baseline_peak=timings["official-eager"][0][1], ours_peak=timings["fused"][0][1],
-                agreement=f"{text}; {rate['fused']:.2f} vs {rate['official-eager']:.2f} images/s", ok=ok,
-                extra={"images_per_s": rate["fused"], "baseline_images_per_s": rate["official-eager"]},
-                **timing_fields(spread["fused"], spread["official-eager"]))]
+    rows = []
+    for name in (n for n in callables if n.startswith("fused")):
+        variant = name[len("fused "):] or None
+        ok, text = compare(results[name][0], results["official-eager"][0], variant)
+        rows.append(Row(family=family, shape=shape, dtype=dtype if variant is None else f"{variant}-autocast",
+                        device=device, baseline="official-eager", baseline_peak=timings["official-eager"][0][1],
+                        ours_peak=timings[name][0][1],
+                        agreement=f"{text}; {rate[name]:.2f} vs {rate['official-eager']:.2f} images/s", ok=ok,
+                        extra={"images_per_s": rate[name], "baseline_images_per_s": rate["official-eager"]},
+                        **timing_fields(spread[name], spread["official-eager"])))
+    return rows
 
 
 def _close(ours, theirs, exact: bool) -> tuple[bool, str]:
@@ -128,22 +141,23 @@ def _close(ours, theirs, exact: bool) -> tuple[bool, str]:
 
 
 def run_tokenizer_case(problem: TokenizerProblem, device: str, *, repeats: int = 1) -> list[Row]:
-    exact = problem.autocast is None
-    dtype = "float32" if exact else f"{problem.autocast}-autocast"
+    """siglip_384 (a minute per call on 2 CPU cores) runs without warm-up: its first timed calls are compared."""
+    warmup = problem.config != "siglip_384"
     if problem.op == "decode":
         return compare_models("tokenizer decode_indices", problem.shape, problem.batch,
                               tokenizer_decode_callables(problem, device), device,
-                              lambda ours, theirs: _close(ours, theirs, exact), repeats=repeats, dtype=dtype)
+                              lambda ours, theirs, variant: _close(ours, theirs, variant is None), repeats=repeats,
+                              warmup=warmup)
 
-    def same_indices(ours, theirs):
-        if exact:
+    def same_indices(ours, theirs, variant):
+        if variant is None:
             ok = torch.equal(ours, theirs)
             return ok, "indices match" if ok else f"FAIL: {(ours == theirs).float().mean().item():.2%} agree"
         agree = (ours == theirs).float().mean().item()
         return True, f"opt-in bf16: {agree:.1%} of indices equal the fp32 official ones"
 
     return compare_models("tokenizer encode", problem.shape, problem.batch, tokenizer_encode_callables(problem, device),
-                          device, same_indices, repeats=repeats, dtype=dtype)
+                          device, same_indices, repeats=repeats, warmup=warmup)
 
 
 @dataclass
@@ -155,13 +169,12 @@ class FlowTokSampleProblem:
     batch: int = 64
     steps: int = 20
     guidance_scale: float = 2.0
-    autocast: str | None = None
+    autocast: str | None = "bf16"  # also time ours under bf16 autocast (its own row); None: fp32 only
     flow_kwargs: dict = field(default_factory=dict)  # FlowTransformer sizes (the tests shrink it)
 
     @property
     def shape(self) -> str:
-        precision = " bf16-autocast" if self.autocast else ""
-        return f"FlowTok-{self.preset} B={self.batch} {self.steps} steps s={self.guidance_scale:g}{precision}"
+        return f"FlowTok-{self.preset} B={self.batch} {self.steps} steps s={self.guidance_scale:g}"
 
 
 def flowtok_sample_callables(problem: FlowTokSampleProblem, device: str) -> dict[str, Callable]:
@@ -182,25 +195,23 @@ def flowtok_sample_callables(problem: FlowTokSampleProblem, device: str) -> dict
         torch.nn.init.normal_(parameter, std=0.02)
     official = OfficialStyleFlowTransformer.like(model.nnet).eval()
     features = torch.randn(problem.batch, 77, model.nnet.clip_dim, generator=torch.Generator().manual_seed(0)).to(device)
-    dtype = AUTOCAST[problem.autocast]
 
-    @torch.no_grad()
-    def fused():
-        return model.generate(features, num_steps=problem.steps, guidance_scale=problem.guidance_scale,
-                              decode=False, generator=torch.Generator(device).manual_seed(1), autocast_dtype=dtype)
+    def fused(dtype):
+        return torch.no_grad()(lambda: model.generate(
+            features, num_steps=problem.steps, guidance_scale=problem.guidance_scale, decode=False,
+            generator=torch.Generator(device).manual_seed(1), autocast_dtype=dtype))
 
     @torch.no_grad()
     def official_loop():
         x0, _, _ = official.encode_text(features, generator=torch.Generator(device).manual_seed(1))
         return official_flowtok_sample(official, x0, problem.steps, problem.guidance_scale)
 
-    return {"fused": fused, "official-eager": official_loop}
+    return {**_with_autocast_variant(problem, fused), "official-eager": official_loop}
 
 
 def run_flowtok_sample_case(problem: FlowTokSampleProblem, device: str, *, repeats: int = 1) -> list[Row]:
     """No warm-up: a CPU run of FlowTok-B at batch 64 takes minutes, so the first, timed call of each
     sampler is also the one whose latents are compared."""
-    exact = problem.autocast is None
     return compare_models("flowtok sampling", problem.shape, problem.batch, flowtok_sample_callables(problem, device),
-                          device, lambda ours, theirs: _close(ours, theirs, exact), repeats=repeats, warmup=False,
-                          dtype="float32" if exact else f"{problem.autocast}-autocast")
+                          device, lambda ours, theirs, variant: _close(ours, theirs, variant is None),
+                          repeats=repeats, warmup=False)

@@ -99,7 +99,7 @@ def train_step_callables(problem: TrainStepProblem, device: str) -> dict[str, Ca
 
 
 def run_train_case(problem: TrainStepProblem, device: str, *, repeats: int = 1) -> list[Row]:
-    def same_loss(ours, theirs):
+    def same_loss(ours, theirs, variant=None):
         ok = bool(np.isfinite(ours) and abs(ours - theirs) <= 1e-3 * max(1.0, abs(theirs)))
         return ok, f"first-step losses {ours:.5g} vs {theirs:.5g}" + ("" if ok else " FAIL")
 
