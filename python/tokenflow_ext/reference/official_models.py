@@ -139,11 +139,7 @@ def official_siglip_hidden_states(tower: SiglipVisionTower, x):
 
 
 def official_semantic_decoder(decoder, codes):
-    tokens = decoder.patch_embed.proj(codes)
-    grid_h, grid_w = tokens.shape[-2:]
-    tokens = tokens.flatten(2).transpose(1, 2)
-    tokens = torch.cat([decoder.cls_token.expand(tokens.shape[0], -1, -1).to(tokens.dtype), tokens], dim=1)
-    tokens = tokens + decoder.positional_embedding_for(grid_h, grid_w).to(tokens.dtype)
+    tokens = decoder.embed(codes)  # the embedding is the official one; the blocks below compute as it does
     for block in decoder.blocks:
         attn = block.attn
         b, n, c = tokens.shape

@@ -80,12 +80,16 @@ class SemanticDecoder(nn.Module):
     def positional_embedding_for(self, grid_h: int, grid_w: int) -> torch.Tensor:
         return resize_positions(self.pos_embed[0], grid_h, grid_w).unsqueeze(0)
 
-    def forward(self, codes: torch.Tensor) -> torch.Tensor:
+    def embed(self, codes: torch.Tensor) -> torch.Tensor:
+        """Codes ``(B, C, h, w)`` -> tokens ``(B, 1 + h*w, width)``: patch projection, class token, positions."""
         tokens = self.patch_embed.proj(codes)
         grid_h, grid_w = tokens.shape[-2:]
         tokens = tokens.flatten(2).transpose(1, 2)
         tokens = torch.cat([self.cls_token.expand(tokens.shape[0], -1, -1).to(tokens.dtype), tokens], dim=1)
-        tokens = tokens + self.positional_embedding_for(grid_h, grid_w).to(tokens.dtype)
+        return tokens + self.positional_embedding_for(grid_h, grid_w).to(tokens.dtype)
+
+    def forward(self, codes: torch.Tensor) -> torch.Tensor:
+        tokens = self.embed(codes)
         for block in self.blocks:
             tokens = block(tokens)
         return self.fc_norm(tokens[:, 1:])
