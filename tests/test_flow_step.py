@@ -177,6 +177,30 @@ def test_euler_step_in_place(device):
     assert torch.equal(view, expected) and (wide[..., 1::2] == 0).all()
 
 
+def test_bf16_pairs_round_like_single_elements():
+    # CPU bf16 spans go two elements per 32-bit word, an odd last element alone: both must give the same bits,
+    # NaN, infinities and subnormals included, in the Euler step (3 inputs) and the interpolation (2 outputs)
+    values = torch.randn(37, generator=torch.Generator().manual_seed(11))
+    values[[3, 4, 20]] = torch.tensor([float("nan"), float("inf"), -float("inf")])
+    values[[9, 10, 36]] = torch.tensor([1e-39, -3e-40, 2e-39])  # subnormal in float32 and bfloat16
+    x, v_cond, v_uncond = (values.roll(shift).bfloat16() for shift in (0, 5, 11))
+    together = flow.euler_step(x[None], v_cond[None], v_uncond[None], dt=0.25, guidance_scale=1.5)[0]
+    alone = torch.stack([flow.euler_step(x[i:i + 1][None], v_cond[i:i + 1][None], v_uncond[i:i + 1][None], dt=0.25,
+                                         guidance_scale=1.5)[0, 0] for i in range(37)])
+    assert torch.equal(together.isnan(), alone.isnan())
+    assert torch.equal(together.nan_to_num(0.0).view(torch.int16), alone.nan_to_num(0.0).view(torch.int16))
+    unchanged = flow.euler_step(x[None], torch.zeros_like(x)[None], dt=0.5)[0]  # x + 0: every finite x kept bit for bit
+    finite = x.isfinite()
+    assert torch.equal(unchanged[finite].view(torch.int16), x[finite].view(torch.int16))
+    assert unchanged[3].isnan() and unchanged[4] == float("inf") and unchanged[20] == -float("inf")
+    t = torch.tensor([0.3])
+    x_t, v = flow.interpolate(x[None], v_cond[None], t)
+    for i in (0, 9, 35, 36):
+        one_t, one_v = flow.interpolate(x[i:i + 1][None], v_cond[i:i + 1][None], t)
+        assert torch.equal(x_t[0, i:i + 1].nan_to_num(0.0), one_t[0].nan_to_num(0.0))
+        assert torch.equal(v[0, i:i + 1].nan_to_num(0.0), one_v[0].nan_to_num(0.0))
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_empty_batch(device):
     x0, x1 = torch.empty(0, 77, 16, device=device), torch.empty(0, 77, 16, device=device)

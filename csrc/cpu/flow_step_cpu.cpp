@@ -6,8 +6,11 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
+#include <type_traits>
 
 #include "common/cpu_simd.h"
+#include "common/elementwise_span.h"
 #include "flow_step.h"
 
 namespace tokenflow_ext {
@@ -24,99 +27,144 @@ void for_each_sample(const FlowBatch& batch, const Fn& fn) {
   });
 }
 
-// ---- hot loops over one contiguous span (SIMD clones; called per sample or per chunk) ----
+// ---- hot loops over one contiguous span (element-wise maps vectorise in map_span's SIMD clones; the
+// reduction below is a SIMD clone of its own) ----
 
 template <typename scalar_t, typename acc_t>
-TFX_CPU_SIMD void interpolate_span(const scalar_t* x0, const scalar_t* x1, int64_t n, acc_t a, acc_t tb, acc_t keep,
-                                   scalar_t* x_t, scalar_t* v_target) {
-  for (int64_t i = 0; i < n; ++i) {
-    const acc_t source = load_as<acc_t>(x0[i]);
-    const acc_t target = load_as<acc_t>(x1[i]);
-    x_t[i] = store_as<scalar_t>(a * source + tb * target);
-    v_target[i] = store_as<scalar_t>(target - keep * source);
-  }
+void interpolate_span(const scalar_t* x0, const scalar_t* x1, int64_t n, acc_t a, acc_t tb, acc_t keep,
+                      scalar_t* x_t, scalar_t* v_target) {
+  map_span<scalar_t, acc_t, 2, 2>({x0, x1}, {x_t, v_target}, n, [=](const acc_t (&in)[2], acc_t (&out)[2]) {
+    out[0] = a * in[0] + tb * in[1];
+    out[1] = in[1] - keep * in[0];
+  });
 }
 
 template <typename scalar_t, typename acc_t>
-TFX_CPU_SIMD void interpolate_x_t_span(const scalar_t* x0, const scalar_t* x1, int64_t n, acc_t a, acc_t tb,
-                                       scalar_t* x_t) {
-  for (int64_t i = 0; i < n; ++i) {
-    x_t[i] = store_as<scalar_t>(a * load_as<acc_t>(x0[i]) + tb * load_as<acc_t>(x1[i]));
-  }
+void interpolate_x_t_span(const scalar_t* x0, const scalar_t* x1, int64_t n, acc_t a, acc_t tb, scalar_t* x_t) {
+  map_span<scalar_t, acc_t, 2, 1>({x0, x1}, {x_t}, n,
+                                  [=](const acc_t (&in)[2], acc_t (&out)[1]) { out[0] = a * in[0] + tb * in[1]; });
 }
 
 // out = c_xt g_xt + c_v g_v (either gradient may be absent)
 template <typename scalar_t, typename acc_t>
-TFX_CPU_SIMD void linear_combination_span(const scalar_t* g_xt, acc_t c_xt, const scalar_t* g_v, acc_t c_v, int64_t n,
-                                          scalar_t* out) {
+void linear_combination_span(const scalar_t* g_xt, acc_t c_xt, const scalar_t* g_v, acc_t c_v, int64_t n,
+                             scalar_t* out) {
   if (g_xt != nullptr && g_v != nullptr) {
-    for (int64_t i = 0; i < n; ++i) {
-      out[i] = store_as<scalar_t>(c_xt * load_as<acc_t>(g_xt[i]) + c_v * load_as<acc_t>(g_v[i]));
-    }
-  } else {
-    const scalar_t* g = g_xt != nullptr ? g_xt : g_v;
-    const acc_t c = g_xt != nullptr ? c_xt : c_v;
-    for (int64_t i = 0; i < n; ++i) out[i] = store_as<scalar_t>(c * load_as<acc_t>(g[i]));
+    map_span<scalar_t, acc_t, 2, 1>({g_xt, g_v}, {out}, n, [=](const acc_t (&in)[2], acc_t (&result)[1]) {
+      result[0] = c_xt * in[0] + c_v * in[1];
+    });
+    return;
   }
+  const acc_t c = g_xt != nullptr ? c_xt : c_v;
+  map_span<scalar_t, acc_t, 1, 1>({g_xt != nullptr ? g_xt : g_v}, {out}, n,
+                                  [=](const acc_t (&in)[1], acc_t (&result)[1]) { result[0] = c * in[0]; });
 }
 
-// sum (v_pred - (x1 - keep x0))^2 over the span: 16 lanes in the arithmetic type over each block of
-// kResidualBlock elements (element i in lane i % 16; they vectorise), each block's lanes added in a fixed tree
-// into an fp64 total. Deterministic, and fp64 where the long sums happen.
+// sum (v_pred - (x1 - keep x0))^2 over the span: kResidualLanes lanes in the arithmetic type over each block of
+// up to kResidualBlock elements (they vectorise), each block's lanes added in a fixed tree into an fp64 total;
+// the last block is shorter (any whole number of lane groups) and only the final elements that fill no lane
+// group go one by one. bfloat16 spans run 32 lanes over 16 pairs (the low and the high halves, see
+// elementwise_span.h) first. Deterministic, and fp64 where the long sums happen.
 constexpr int64_t kResidualLanes = 16;
 constexpr int64_t kResidualBlock = 256;
+
+template <int64_t kLanes, typename acc_t>
+double lane_total(acc_t (&lanes)[kLanes]) {
+  for (int64_t width = kLanes / 2; width > 0; width /= 2) {
+    for (int64_t l = 0; l < width; ++l) lanes[l] += lanes[l + width];
+  }
+  return static_cast<double>(lanes[0]);
+}
 
 template <typename scalar_t, typename acc_t>
 TFX_CPU_SIMD double squared_residual_span(const scalar_t* v_pred, const scalar_t* x0, const scalar_t* x1, int64_t n,
                                           acc_t keep) {
+  const auto squared = [keep](acc_t v, acc_t source, acc_t target) {
+    const acc_t r = v - (target - keep * source);
+    return r * r;
+  };
   double total = 0;
   int64_t i = 0;
-  for (; i + kResidualBlock <= n; i += kResidualBlock) {
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16> && std::is_same_v<acc_t, float>) {
+    constexpr int64_t kPairs = kResidualLanes;
+    const int64_t grouped = n - n % (2 * kPairs);
+    const auto word = [](const scalar_t* p) {
+      uint32_t bits;
+      std::memcpy(&bits, p, sizeof(bits));
+      return bits;
+    };
+    while (i < grouped) {
+      const int64_t block_end = std::min(i + kResidualBlock, grouped);
+      acc_t lanes[2 * kPairs] = {};
+      for (int64_t j = i; j < block_end; j += 2 * kPairs) {
+        for (int64_t l = 0; l < kPairs; ++l) {
+          const uint32_t v = word(v_pred + j + 2 * l), a = word(x0 + j + 2 * l), b = word(x1 + j + 2 * l);
+          lanes[l] += squared(float_from_bits(v << 16), float_from_bits(a << 16), float_from_bits(b << 16));
+          lanes[kPairs + l] += squared(float_from_bits(v & UINT32_C(0xFFFF0000)), float_from_bits(a & UINT32_C(0xFFFF0000)),
+                                       float_from_bits(b & UINT32_C(0xFFFF0000)));
+        }
+      }
+      total += lane_total(lanes);
+      i = block_end;
+    }
+  }
+  const int64_t grouped = n - n % kResidualLanes;
+  while (i < grouped) {
+    const int64_t block_end = std::min(i + kResidualBlock, grouped);
     acc_t lanes[kResidualLanes] = {};
-    for (int64_t j = i; j < i + kResidualBlock; j += kResidualLanes) {
+    for (int64_t j = i; j < block_end; j += kResidualLanes) {
       for (int64_t l = 0; l < kResidualLanes; ++l) {
-        const acc_t r = load_as<acc_t>(v_pred[j + l]) - (load_as<acc_t>(x1[j + l]) - keep * load_as<acc_t>(x0[j + l]));
-        lanes[l] += r * r;
+        lanes[l] += squared(load_as<acc_t>(v_pred[j + l]), load_as<acc_t>(x0[j + l]), load_as<acc_t>(x1[j + l]));
       }
     }
-    for (int64_t width = kResidualLanes / 2; width > 0; width /= 2) {
-      for (int64_t l = 0; l < width; ++l) lanes[l] += lanes[l + width];
-    }
-    total += static_cast<double>(lanes[0]);
+    total += lane_total(lanes);
+    i = block_end;
   }
   for (; i < n; ++i) {
-    const acc_t r = load_as<acc_t>(v_pred[i]) - (load_as<acc_t>(x1[i]) - keep * load_as<acc_t>(x0[i]));
-    total += static_cast<double>(r * r);
+    total += static_cast<double>(squared(load_as<acc_t>(v_pred[i]), load_as<acc_t>(x0[i]), load_as<acc_t>(x1[i])));
   }
   return total;
 }
 
 // r = v_pred - v_target: grad_v_pred = g r, grad_x0 = keep g r, grad_x1 = -g r (x0 / x1 outputs optional)
 template <typename scalar_t, typename acc_t>
-TFX_CPU_SIMD void residual_gradients_span(const scalar_t* v_pred, const scalar_t* x0, const scalar_t* x1, int64_t n,
-                                          acc_t keep, acc_t g, scalar_t* grad_v_pred, scalar_t* grad_x0,
-                                          scalar_t* grad_x1) {
-  for (int64_t i = 0; i < n; ++i) {
-    const acc_t gr = g * (load_as<acc_t>(v_pred[i]) - (load_as<acc_t>(x1[i]) - keep * load_as<acc_t>(x0[i])));
-    grad_v_pred[i] = store_as<scalar_t>(gr);
-    if (grad_x0 != nullptr) grad_x0[i] = store_as<scalar_t>(keep * gr);
-    if (grad_x1 != nullptr) grad_x1[i] = store_as<scalar_t>(-gr);
+void residual_gradients_span(const scalar_t* v_pred, const scalar_t* x0, const scalar_t* x1, int64_t n, acc_t keep,
+                             acc_t g, scalar_t* grad_v_pred, scalar_t* grad_x0, scalar_t* grad_x1) {
+  using Inputs = const acc_t (&)[3];
+  const auto scaled_residual = [=](Inputs in) { return g * (in[0] - (in[2] - keep * in[1])); };
+  const std::array<const scalar_t*, 3> inputs{v_pred, x0, x1};
+  if (grad_x0 != nullptr && grad_x1 != nullptr) {
+    map_span<scalar_t, acc_t, 3, 3>(inputs, {grad_v_pred, grad_x0, grad_x1}, n, [=](Inputs in, acc_t (&out)[3]) {
+      out[0] = scaled_residual(in);
+      out[1] = keep * out[0];
+      out[2] = -out[0];
+    });
+  } else if (grad_x0 != nullptr || grad_x1 != nullptr) {
+    const acc_t factor = grad_x0 != nullptr ? keep : acc_t(-1);
+    map_span<scalar_t, acc_t, 3, 2>(inputs, {grad_v_pred, grad_x0 != nullptr ? grad_x0 : grad_x1}, n,
+                                    [=](Inputs in, acc_t (&out)[2]) {
+                                      out[0] = scaled_residual(in);
+                                      out[1] = factor * out[0];
+                                    });
+  } else {
+    map_span<scalar_t, acc_t, 3, 1>(inputs, {grad_v_pred}, n,
+                                    [=](Inputs in, acc_t (&out)[1]) { out[0] = scaled_residual(in); });
   }
 }
 
-// out = x + dt (v_u + s (v_c - v_u)), or x + dt v_c when v_uncond is null. out may alias x.
+// out = x + dt (v_u + s (v_c - v_u)), or x + dt v_c when v_uncond is null. out may be x (the in-place step).
 template <typename scalar_t, typename acc_t>
-TFX_CPU_SIMD void euler_span(const scalar_t* x, const scalar_t* v_cond, const scalar_t* v_uncond, int64_t n, acc_t dt,
-                             acc_t scale, scalar_t* out) {
+void euler_span(const scalar_t* x, const scalar_t* v_cond, const scalar_t* v_uncond, int64_t n, acc_t dt,
+                acc_t scale, scalar_t* out) {
   if (v_uncond == nullptr) {
-    for (int64_t i = 0; i < n; ++i) out[i] = store_as<scalar_t>(load_as<acc_t>(x[i]) + dt * load_as<acc_t>(v_cond[i]));
+    map_span<scalar_t, acc_t, 2, 1>({x, v_cond}, {out}, n,
+                                    [=](const acc_t (&in)[2], acc_t (&result)[1]) { result[0] = in[0] + dt * in[1]; });
     return;
   }
-  for (int64_t i = 0; i < n; ++i) {
-    const acc_t vu = load_as<acc_t>(v_uncond[i]);
-    const acc_t v = vu + scale * (load_as<acc_t>(v_cond[i]) - vu);
-    out[i] = store_as<scalar_t>(load_as<acc_t>(x[i]) + dt * v);
-  }
+  map_span<scalar_t, acc_t, 3, 1>({x, v_cond, v_uncond}, {out}, n, [=](const acc_t (&in)[3], acc_t (&result)[1]) {
+    const acc_t vu = in[2];
+    result[0] = in[0] + dt * (vu + scale * (in[1] - vu));
+  });
 }
 
 // ---- kernels: split the batch into spans ----
