@@ -98,10 +98,10 @@ TFX_CPU_SIMD double squared_residual_span(const scalar_t* v_pred, const scalar_t
       acc_t lanes[2 * kPairs] = {};
       for (int64_t j = i; j < block_end; j += 2 * kPairs) {
         for (int64_t l = 0; l < kPairs; ++l) {
+          constexpr uint32_t kHigh = UINT32_C(0xFFFF0000);
           const uint32_t v = word(v_pred + j + 2 * l), a = word(x0 + j + 2 * l), b = word(x1 + j + 2 * l);
           lanes[l] += squared(float_from_bits(v << 16), float_from_bits(a << 16), float_from_bits(b << 16));
-          lanes[kPairs + l] += squared(float_from_bits(v & UINT32_C(0xFFFF0000)), float_from_bits(a & UINT32_C(0xFFFF0000)),
-                                       float_from_bits(b & UINT32_C(0xFFFF0000)));
+          lanes[kPairs + l] += squared(float_from_bits(v & kHigh), float_from_bits(a & kHigh), float_from_bits(b & kHigh));
         }
       }
       total += lane_total(lanes);
