@@ -101,27 +101,6 @@ def normalize_parts_backward(x: torch.Tensor, grad: torch.Tensor, semantic_dim: 
     return torch.cat([_normalize_backward(v, g) for v, g in parts], dim=-1)
 
 
-def gather_backward_composite(grad_rows: torch.Tensor, indices: torch.Tensor, semantic_codebook: torch.Tensor,
-                              pixel_codebook: torch.Tensor | None, l2_norm: bool):
-    """codebook_gather_backward in differentiable torch ops (used for double backward): ``(grad_semantic,
-    grad_pixel or None)``, a scatter-add by index (in the accumulate dtype), then back through the
-    normalisation."""
-    flat = indices.reshape(-1).long()
-    grads = grad_rows.reshape(flat.numel(), -1)
-    acc = accumulate_dtype(semantic_codebook.dtype)
-    semantic_dim = semantic_codebook.shape[-1]
-
-    def part(book, grad_part):
-        summed = torch.zeros(book.shape, dtype=acc, device=book.device).index_add(0, flat, grad_part.to(acc))
-        if l2_norm:
-            summed = _normalize_backward(book.to(acc), summed)
-        return summed.to(book.dtype)
-
-    grad_semantic = part(semantic_codebook, grads[:, :semantic_dim])
-    grad_pixel = None if pixel_codebook is None else part(pixel_codebook, grads[:, semantic_dim:])
-    return grad_semantic, grad_pixel
-
-
 def part_weights(semantic_dim: int, pixel_dim: int, pixel_weight: float, like: torch.Tensor) -> torch.Tensor:
     """(Ds + Dp,) vector [1, ..., 1, w, ..., w] for weighting squared differences per channel."""
     weights = torch.ones(semantic_dim + pixel_dim, dtype=like.dtype, device=like.device)

@@ -10,7 +10,6 @@ from .._parts import (
     check_same_device_dtype,
     codebook_widths,
     float_arg,
-    gather_backward_composite,
     normalize_parts,
     normalize_parts_backward,
     part_weights,
@@ -112,9 +111,14 @@ def _backward(ctx, grad_indices, grad_distance):
     if ctx.needs_input_grad[0]:
         grad_x = normalize_parts_backward(x_compute, grad_x_hat, semantic_dim) if ctx.l2_norm else grad_x_hat
         grad_x = grad_x.to(x.dtype)
-    if (ctx.needs_input_grad[1] or ctx.needs_input_grad[2]) and torch.is_grad_enabled():  # double backward
-        grad_semantic, grad_pixel = gather_backward_composite(-grad_x_hat, indices, semantic_codebook, pixel_codebook,
-                                                              ctx.l2_norm)
+    if (ctx.needs_input_grad[1] or ctx.needs_input_grad[2]) and torch.is_grad_enabled():
+        # double backward: the gather's vector-Jacobian product through the gather's own (C++) autograd, whose
+        # backward is differentiable too
+        books = [book for book, needed in ((semantic_codebook, ctx.needs_input_grad[1]),
+                                           (pixel_codebook, ctx.needs_input_grad[2])) if needed]
+        grads = iter(torch.autograd.grad(codes, books, -grad_x_hat, create_graph=True, allow_unused=True))
+        grad_semantic = next(grads) if ctx.needs_input_grad[1] else None
+        grad_pixel = next(grads) if ctx.needs_input_grad[2] else None
     elif ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
         grad_semantic, grad_pixel = _gather_backward(
             (-grad_x_hat).to(semantic_codebook.dtype).contiguous(),
