@@ -130,3 +130,30 @@ def test_flow_matching_loss_module():
     sampled = loss_fn(model, x0.detach(), x1.detach())  # samples logit-normal t itself
     assert sampled.shape == () and torch.isfinite(sampled)
     assert "x1_grad=False" in repr(loss_fn)
+
+
+def test_graphed_sampler_refuses_cpu_tensors():
+    with pytest.raises(ValueError, match="example_x0 must be a CUDA tensor"):
+        flow.GraphedSampler(lambda x, t: x, torch.zeros(2, 3))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("guidance_scale", [1.0, 2.0])
+def test_graphed_sampler_replays_the_eager_loop(guidance_scale):
+    weight = torch.randn(16, 16, device="cuda") / 4
+
+    def velocity(x, t):
+        v = torch.tanh(x @ weight) * (1 + t[:, None, None])
+        return v if guidance_scale == 1.0 else torch.cat([v, 0.5 * v])
+
+    x0 = torch.randn(3, 77, 16, device="cuda")
+    eager = flow.sample(velocity, x0, num_steps=20, guidance_scale=guidance_scale, time_grid="flowtok", progress=False)
+    sampler = flow.GraphedSampler(velocity, x0, num_steps=20, guidance_scale=guidance_scale, time_grid="flowtok")
+    torch.testing.assert_close(sampler(x0), eager, rtol=1e-6, atol=1e-6)
+    other = torch.randn_like(x0)  # a replay reads the new input; in-place weight updates are seen
+    weight.mul_(0.5)
+    expected = flow.sample(velocity, other, num_steps=20, guidance_scale=guidance_scale, time_grid="flowtok",
+                           progress=False)
+    torch.testing.assert_close(sampler(other), expected, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="x0 must be"):
+        sampler(x0[:2])

@@ -360,3 +360,27 @@ def test_eval_generate_runs_as_inference_and_its_images_feed_a_training_tokenize
     assert modes and all(modes) and images.grad_fn is None and not images.is_inference()
     trainable = FlowTiTok(image_size=32, **TINY_TITOK).train()  # failed with inference tensors (README example)
     trainable.encode(images).sum().backward()
+
+
+def test_generate_cuda_graph_needs_a_cuda_model():
+    model = FlowTok((2, 32, 2), text_encoder=False, tokenizer=False, **TINY_FLOW).eval()
+    with pytest.raises(ValueError, match="cuda_graph=True needs the model on a CUDA device"):
+        model.generate(torch.randn(2, 77, model.nnet.clip_dim), num_steps=2, cuda_graph=True)
+
+
+@pytest.mark.cuda
+def test_generate_with_a_cuda_graph_matches_the_eager_loop():
+    model = FlowTok((2, 32, 2), text_encoder=False, tokenizer=False, **TINY_FLOW).cuda().eval()
+    for p in model.nnet.final_layer.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    features = torch.randn(4, 77, model.nnet.clip_dim, device="cuda")
+
+    def run(**kwargs):
+        return model.generate(features, num_steps=6, guidance_scale=2.0, decode=False,
+                              generator=torch.Generator("cuda").manual_seed(1), **kwargs)
+
+    eager = run()
+    torch.testing.assert_close(run(cuda_graph=True), eager, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(run(cuda_graph=True), eager, rtol=1e-5, atol=1e-5)  # the replay of the capture
+    model.clear_cuda_graphs()
+    assert "_graphed_samplers" not in model.__dict__

@@ -99,6 +99,11 @@ def _timed_peak(fn: Callable, device: str) -> tuple[float, int | None]:
     return elapsed[0], peak
 
 
+# variant -> the row's dtype column; variants that must match the official path exactly (not an autocast)
+VARIANT_DTYPES = {"cuda-graph": "float32 CUDA graph"}
+EXACT_VARIANTS = (None, "cuda-graph")
+
+
 def compare_models(family: str, shape: str, batch: int, callables: dict[str, Callable], device: str,
                    compare: Callable, *, repeats: int = 1, warmup: bool = True, dtype: str = "float32") -> list[Row]:
     """Whole-model rows: ``callables["fused"]`` (and every other ``"fused <variant>"`` entry, e.g.
@@ -106,7 +111,7 @@ def compare_models(family: str, shape: str, batch: int, callables: dict[str, Cal
     spread) with peak memory; one row per ours, each against the same baseline timings. Without ``warmup``
     the first timed call's result is the one compared (for calls of minutes). ``compare(ours, theirs, variant)
     -> (ok, text)``, variant ``None`` for ``"fused"``. Reports images/s. A variant's row has the dtype
-    ``"<variant>-autocast"``."""
+    ``"<variant>-autocast"`` (or its ``VARIANT_DTYPES`` entry)."""
     results: dict[str, list] = {name: [] for name in callables}
     timings: dict[str, list] = {name: [] for name in callables}
     if warmup:
@@ -123,8 +128,9 @@ def compare_models(family: str, shape: str, batch: int, callables: dict[str, Cal
     for name in (n for n in callables if n.startswith("fused")):
         variant = name[len("fused "):] or None
         ok, text = compare(results[name][0], results["official-eager"][0], variant)
-        rows.append(Row(family=family, shape=shape, dtype=dtype if variant is None else f"{variant}-autocast",
-                        device=device, baseline="official-eager", baseline_peak=timings["official-eager"][0][1],
+        row_dtype = dtype if variant is None else VARIANT_DTYPES.get(variant, f"{variant}-autocast")
+        rows.append(Row(family=family, shape=shape, dtype=row_dtype, device=device, baseline="official-eager",
+                        baseline_peak=timings["official-eager"][0][1],
                         ours_peak=timings[name][0][1],
                         agreement=f"{text}; {rate[name]:.2f} vs {rate['official-eager']:.2f} images/s", ok=ok,
                         extra={"images_per_s": rate[name], "baseline_images_per_s": rate["official-eager"]},
@@ -179,7 +185,8 @@ class FlowTokSampleProblem:
 
 def flowtok_sample_callables(problem: FlowTokSampleProblem, device: str) -> dict[str, Callable]:
     """``"fused"``: ``FlowTok.generate(decode=False)`` (one stacked cond/uncond forward per step, the fused
-    in-place CFG + Euler step, ``autocast_dtype`` per the problem); ``"official-eager"``: the official-style
+    in-place CFG + Euler step, ``autocast_dtype`` per the problem; on CUDA also ``"fused cuda-graph"``, the
+    fp32 loop replayed as one CUDA graph); ``"official-eager"``: the official-style
     nnet (:class:`OfficialStyleFlowTransformer`, same weights) in the official solver loop (two forward
     passes per step, eager ``x + dt * (v_u + s (v_c - v_u))``), same time grid and text latents. Both
     return latents."""
@@ -196,22 +203,25 @@ def flowtok_sample_callables(problem: FlowTokSampleProblem, device: str) -> dict
     official = OfficialStyleFlowTransformer.like(model.nnet).eval()
     features = torch.randn(problem.batch, 77, model.nnet.clip_dim, generator=torch.Generator().manual_seed(0)).to(device)
 
-    def fused(dtype):
+    def fused(dtype, cuda_graph=False):
         return torch.no_grad()(lambda: model.generate(
             features, num_steps=problem.steps, guidance_scale=problem.guidance_scale, decode=False,
-            generator=torch.Generator(device).manual_seed(1), autocast_dtype=dtype))
+            generator=torch.Generator(device).manual_seed(1), autocast_dtype=dtype, cuda_graph=cuda_graph))
 
     @torch.no_grad()
     def official_loop():
         x0, _, _ = official.encode_text(features, generator=torch.Generator(device).manual_seed(1))
         return official_flowtok_sample(official, x0, problem.steps, problem.guidance_scale)
 
-    return {**_with_autocast_variant(problem, fused), "official-eager": official_loop}
+    callables = _with_autocast_variant(problem, fused)
+    if device == "cuda":  # the fp32 loop as one CUDA graph, captured by the warm-up call
+        callables["fused cuda-graph"] = fused(None, cuda_graph=True)
+    return {**callables, "official-eager": official_loop}
 
 
 def run_flowtok_sample_case(problem: FlowTokSampleProblem, device: str, *, repeats: int = 1) -> list[Row]:
-    """No warm-up: a CPU run of FlowTok-B at batch 64 takes minutes, so the first, timed call of each
-    sampler is also the one whose latents are compared."""
+    """No warm-up on the CPU: a run of FlowTok-B at batch 64 takes minutes, so the first, timed call of each
+    sampler is also the one whose latents are compared. On CUDA a warm-up call captures the graph."""
     return compare_models("flowtok sampling", problem.shape, problem.batch, flowtok_sample_callables(problem, device),
-                          device, lambda ours, theirs, variant: _close(ours, theirs, variant is None),
-                          repeats=repeats, warmup=False)
+                          device, lambda ours, theirs, variant: _close(ours, theirs, variant in EXACT_VARIANTS),
+                          repeats=repeats, warmup=device != "cpu")

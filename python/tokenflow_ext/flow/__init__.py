@@ -6,14 +6,16 @@
     x_next = flow.euler_step(x, v_cond, v_uncond=None, dt=0.05, guidance_scale=1.0)
     flow.euler_step_(x, v_cond, v_uncond, dt=0.05, guidance_scale=2.0)
     x1 = flow.sample(velocity_fn, x0, num_steps=20, guidance_scale=2.0, time_grid="uniform")
+    x1 = flow.GraphedSampler(velocity_fn, x0, num_steps=20, guidance_scale=2.0)(x0)  # CUDA: one graph replay
 """
 
 from ..ops.flow_step import euler_step, euler_step_, interpolate, matching_loss
-from .sampling import TIME_GRIDS, sample, time_grid
+from .sampling import TIME_GRIDS, GraphedSampler, sample, time_grid
 from .training import FlowMatchingLoss, logit_normal_timesteps
 
 __all__ = [
     "FlowMatchingLoss",
+    "GraphedSampler",
     "TIME_GRIDS",
     "euler_step",
     "euler_step_",

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...flow import FlowMatchingLoss, logit_normal_timesteps, sample
+from ...flow import FlowMatchingLoss, GraphedSampler, logit_normal_timesteps, sample
 from .._checkpoint import load_checked, read_checkpoint
 from .._inference import inference_when_eval
 from .._layers import autocast_context
@@ -174,7 +174,8 @@ class FlowTok(nn.Module):
     @torch.no_grad()
     def generate(self, text: torch.Tensor, num_steps: int = 20, guidance_scale: float = 2.0, *,
                  time_grid: str = "flowtok", decode: bool = True, generator: torch.Generator | None = None,
-                 progress: bool = False, autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
+                 progress: bool = False, autocast_dtype: torch.dtype | None = None,
+                 cuda_graph: bool = False) -> torch.Tensor:
         """Text (token ids ``(B, 77)`` or CLIP features ``(B, 77, 768)``) -> images ``(B, 3, S, S)`` in [0, 1]
         (``decode=False`` or no tokenizer: latents ``(B, 77, 16)``). The text latent is sampled from the
         projector (the only randomness), then ``num_steps`` Euler steps with CFG on the velocity
@@ -183,14 +184,42 @@ class FlowTok(nn.Module):
         ``autocast_dtype`` (opt-in, default ``None`` = exact): run the flow transformer's forward passes under
         ``torch.autocast`` to that dtype (``torch.bfloat16``); the text latent, the Euler state and the
         decoder stay in the model's dtype. The latents then differ from the exact ones by bf16 rounding
-        carried through the steps (measured in the benchmark's agreement column)."""
+        carried through the steps (measured in the benchmark's agreement column).
+
+        ``cuda_graph=True`` (CUDA only): the whole Euler loop runs as one CUDA graph (:class:`GraphedSampler`),
+        captured on the first call and replayed by the next calls with the same batch shape, dtype, step count,
+        guidance scale, time grid and autocast setting (another setting replaces it); same values as the eager
+        loop. The graphs read the flow
+        transformer's weights in place (in-place updates are seen; reallocated weights, e.g. after ``.to()``,
+        give a new capture); :meth:`clear_cuda_graphs` frees them. No progress bar in a graph."""
         features = self.text_features(text)
         x0, _, _ = self.nnet.encode_text(features, generator=generator)
-        latents = sample(self._velocity(guidance_scale, autocast_dtype), x0, num_steps=num_steps, guidance_scale=guidance_scale,
-                         time_grid=time_grid, progress=progress)
+        if cuda_graph:
+            latents = self._graphed_sampler(x0, num_steps, guidance_scale, time_grid, autocast_dtype)(x0)
+        else:
+            latents = sample(self._velocity(guidance_scale, autocast_dtype), x0, num_steps=num_steps,
+                             guidance_scale=guidance_scale, time_grid=time_grid, progress=progress)
         if not decode or self.tokenizer is None:
             return latents
         return self.tokenizer.decode(latents, features)
+
+    def _graphed_sampler(self, x0: torch.Tensor, num_steps: int, guidance_scale: float, time_grid: str,
+                         autocast_dtype: torch.dtype | None) -> GraphedSampler:
+        if x0.device.type != "cuda":
+            raise ValueError(f"FlowTok.generate: cuda_graph=True needs the model on a CUDA device, got {x0.device}")
+        weights = tuple((p.data_ptr(), p.dtype) for p in self.nnet.parameters())
+        key = (tuple(x0.shape), x0.dtype, x0.device, num_steps, float(guidance_scale), time_grid, autocast_dtype,
+               torch.is_inference_mode_enabled(), weights)
+        samplers = self.__dict__.setdefault("_graphed_samplers", {})
+        if key not in samplers:
+            samplers.clear()  # one capture at a time: each keeps its own memory pool
+            samplers[key] = GraphedSampler(self._velocity(guidance_scale, autocast_dtype), x0, num_steps=num_steps,
+                                           guidance_scale=guidance_scale, time_grid=time_grid)
+        return samplers[key]
+
+    def clear_cuda_graphs(self) -> None:
+        """Drop the CUDA graphs of ``generate(cuda_graph=True)`` and the memory they hold."""
+        self.__dict__.pop("_graphed_samplers", None)
 
     @inference_when_eval
     @torch.no_grad()
