@@ -9,7 +9,7 @@ import pytest
 from conftest import DEVICES
 
 from tokenflow_ext.bench.timing import format_bytes, peak_extra_memory
-from tokenflow_ext.bench.train import TrainStepProblem, train_step_callables
+from tokenflow_ext.bench.train import TrainStepProblem, train_step_factories
 
 PROBLEMS = {"clipb_256": TrainStepProblem("clipb_256", 2), "siglip_384": TrainStepProblem("siglip_384", 1)}
 
@@ -19,7 +19,7 @@ PROBLEMS = {"clipb_256": TrainStepProblem("clipb_256", 2), "siglip_384": TrainSt
 @pytest.mark.parametrize("impl", ["fused", "official-eager"])
 def test_tokenizer_train_step(benchmark, device, config, impl):
     problem = PROBLEMS[config]
-    step = train_step_callables(problem, device)[impl]
+    step = train_step_factories(problem, device)[impl]()  # builds this trainer only
     step()  # warm-up (allocates the optimizer state)
     benchmark.extra_info["peak_extra_memory"] = format_bytes(peak_extra_memory(step, device))
     benchmark.group = f"tokenizer train step {problem.shape} {device}"

@@ -8,6 +8,7 @@ bf16 and the official path are timed in turns, and both rows divide by the same 
 
 from __future__ import annotations
 
+import gc
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -122,10 +123,35 @@ def compare_models(family: str, shape: str, batch: int, callables: dict[str, Cal
         for name in names:
             fn = callables[name]
             timings[name].append(_timed_peak(lambda fn=fn, name=name: results[name].append(fn()), device))
+    return _model_rows(family, shape, batch, results, timings, device, compare, dtype)
+
+
+def compare_models_one_at_a_time(family: str, shape: str, batch: int, factories: dict[str, Callable[[], Callable]],
+                                 device: str, compare: Callable, *, repeats: int = 1, warmup: bool = True,
+                                 dtype: str = "float32") -> list[Row]:
+    """:func:`compare_models` for cases where the implementations do not fit in memory together (two
+    trainers with their optimizer states): each ``factories[name]()`` builds one callable, which is warmed
+    up, timed ``repeats`` times and freed before the next is built. Same rows."""
+    results: dict[str, list] = {name: [] for name in factories}
+    timings: dict[str, list] = {name: [] for name in factories}
+    for name, factory in factories.items():
+        fn = factory()
+        if warmup:
+            results[name].append(fn())
+        for _ in range(max(1, repeats)):
+            timings[name].append(_timed_peak(lambda fn=fn, name=name: results[name].append(fn()), device))
+        del fn
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    return _model_rows(family, shape, batch, results, timings, device, compare, dtype)
+
+
+def _model_rows(family, shape, batch, results, timings, device, compare, dtype) -> list[Row]:
     spread = {name: summarize([ms for ms, _ in runs]) for name, runs in timings.items()}
     rate = {name: batch / timing.median_ms * 1e3 for name, timing in spread.items()}
     rows = []
-    for name in (n for n in callables if n.startswith("fused")):
+    for name in (n for n in results if n.startswith("fused")):
         variant = name[len("fused "):] or None
         ok, text = compare(results[name][0], results["official-eager"][0], variant)
         row_dtype = dtype if variant is None else VARIANT_DTYPES.get(variant, f"{variant}-autocast")

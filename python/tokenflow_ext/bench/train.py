@@ -14,7 +14,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .models import compare_models
+from .models import compare_models_one_at_a_time
 from .rows import Row
 
 
@@ -79,23 +79,25 @@ def _trainer(problem: TrainStepProblem, device: str, data: str, eager: bool):
     return trainer
 
 
-def train_step_callables(problem: TrainStepProblem, device: str) -> dict[str, Callable]:
-    """``"fused"`` and ``"official-eager"``: one training step each (both trainers start from the same
-    seeded weights and see the same images). Each returns the step's generator loss."""
+def train_step_factories(problem: TrainStepProblem, device: str) -> dict[str, Callable[[], Callable]]:
+    """``"fused"`` and ``"official-eager"``: each a factory that builds its trainer (both start from the same
+    seeded weights and see the same images) and returns one training step, which returns the step's generator
+    loss. Built one at a time: a siglip_384 trainer alone peaks near 16 GiB on the CPU."""
     from PIL import Image  # noqa: PLC0415
 
     folder = tempfile.mkdtemp(prefix="tokenflow_bench_train_")
     for i in range(problem.batch):  # the trainer wants a data folder; the timed steps use fixed tensors
         Image.fromarray(np.full((8, 8, 3), 40 * i, dtype=np.uint8)).save(os.path.join(folder, f"{i}.png"))
-    trainers = {"fused": _trainer(problem, device, folder, eager=False),
-                "official-eager": _trainer(problem, device, folder, eager=True)}
-    size = trainers["fused"].tokenizer.config.image_size
-    images = torch.rand(problem.batch, 3, size, size, generator=torch.Generator().manual_seed(0)) * 2 - 1
 
-    def step(trainer):
-        return lambda: trainer.train_step([images])["loss"]
+    def factory(eager: bool):
+        def build():
+            trainer = _trainer(problem, device, folder, eager=eager)
+            size = trainer.tokenizer.config.image_size
+            images = torch.rand(problem.batch, 3, size, size, generator=torch.Generator().manual_seed(0)) * 2 - 1
+            return lambda: trainer.train_step([images])["loss"]
+        return build
 
-    return {name: step(trainer) for name, trainer in trainers.items()}
+    return {"fused": factory(False), "official-eager": factory(True)}
 
 
 def run_train_case(problem: TrainStepProblem, device: str, *, repeats: int = 1) -> list[Row]:
@@ -103,8 +105,8 @@ def run_train_case(problem: TrainStepProblem, device: str, *, repeats: int = 1) 
         ok = bool(np.isfinite(ours) and abs(ours - theirs) <= 1e-3 * max(1.0, abs(theirs)))
         return ok, f"first-step losses {ours:.5g} vs {theirs:.5g}" + ("" if ok else " FAIL")
 
-    rows = compare_models("tokenizer train step", problem.shape, problem.batch,
-                          train_step_callables(problem, device), device, same_loss, repeats=repeats)
+    rows = compare_models_one_at_a_time("tokenizer train step", problem.shape, problem.batch,
+                                        train_step_factories(problem, device), device, same_loss, repeats=repeats)
     for row in rows:
         row.extra["steps_per_s"] = row.extra["images_per_s"] / problem.batch
         row.extra["baseline_steps_per_s"] = row.extra["baseline_images_per_s"] / problem.batch
