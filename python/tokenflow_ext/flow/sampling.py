@@ -108,18 +108,20 @@ class GraphedSampler:
             raise ValueError(f"GraphedSampler: warmup_runs must be >= 1, got {warmup_runs}")
         grid = _time_grid(num_steps, time_grid, reverse=reverse)
         self.shape, self.dtype, self.device = example_x0.shape, example_x0.dtype, example_x0.device
-        self._input = example_x0.detach().clone()
-        # warm-up on a side stream, as torch.cuda.graphs asks: lazy cuBLAS/cuDNN handles and workspaces,
-        # autotuning and the allocator's first blocks must not be recorded
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            for _ in range(warmup_runs):
-                _euler_loop(velocity_fn, self._input, grid, guidance_scale)
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        self._graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self._graph):
-            self._output = _euler_loop(velocity_fn, self._input, grid, guidance_scale)
+        with torch.inference_mode(False):  # a normal tensor: calls inside and outside inference mode copy into it
+            self._input = example_x0.detach().clone()
+        # no autograd graph is recorded (sampling never needs one); warm-up on a side stream, as
+        # torch.cuda.graphs asks: lazy cuBLAS handles, workspaces and the allocator's first blocks stay out
+        with torch.no_grad():
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                for _ in range(warmup_runs):
+                    _euler_loop(velocity_fn, self._input, grid, guidance_scale)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            self._graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self._graph):
+                self._output = _euler_loop(velocity_fn, self._input, grid, guidance_scale)
 
     def __call__(self, x0: torch.Tensor) -> torch.Tensor:
         if not isinstance(x0, torch.Tensor) or (x0.shape, x0.dtype, x0.device) != (self.shape, self.dtype, self.device):
@@ -127,9 +129,10 @@ class GraphedSampler:
                    else type(x0).__name__)
             raise ValueError(f"GraphedSampler: x0 must be {tuple(self.shape)} {self.dtype} on {self.device} (the "
                              f"captured shape), got {got}")
-        self._input.copy_(x0)
-        self._graph.replay()
-        return self._output.clone()
+        with torch.no_grad():
+            self._input.copy_(x0)
+            self._graph.replay()
+            return self._output.clone()
 
 
 _time_grid = time_grid
