@@ -368,6 +368,21 @@ def test_generate_cuda_graph_needs_a_cuda_model():
         model.generate(torch.randn(2, 77, model.nnet.clip_dim), num_steps=2, cuda_graph=True)
 
 
+def test_copies_and_pickles_leave_captured_graphs_behind(tmp_path):
+    import copy
+    import threading
+
+    model = FlowTok((2, 32, 2), text_encoder=False, tokenizer=False, **TINY_FLOW)
+    model.__dict__["_graphed_samplers"] = {"key": threading.Lock()}  # stands in for a CUDA graph: not copyable
+    twin = copy.deepcopy(model)
+    assert "_graphed_samplers" not in twin.__dict__ and "_graphed_samplers" in model.__dict__
+    torch.save(model, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    assert "_graphed_samplers" not in loaded.__dict__
+    for a, b in zip(model.state_dict().values(), loaded.state_dict().values()):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.cuda
 def test_generate_with_a_cuda_graph_matches_the_eager_loop():
     model = FlowTok((2, 32, 2), text_encoder=False, tokenizer=False, **TINY_FLOW).cuda().eval()
@@ -382,5 +397,9 @@ def test_generate_with_a_cuda_graph_matches_the_eager_loop():
     eager = run()
     torch.testing.assert_close(run(cuda_graph=True), eager, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(run(cuda_graph=True), eager, rtol=1e-5, atol=1e-5)  # the replay of the capture
+    with torch.autocast("cuda", torch.bfloat16):  # an enclosing autocast region gets its own capture, no cast cache
+        eager_bf16 = run()
+        torch.testing.assert_close(run(cuda_graph=True), eager_bf16, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(run(cuda_graph=True), eager, rtol=1e-5, atol=1e-5)
     model.clear_cuda_graphs()
     assert "_graphed_samplers" not in model.__dict__

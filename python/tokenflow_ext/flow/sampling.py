@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Union
 
 import torch
@@ -89,7 +90,8 @@ class GraphedSampler:
     which dominates small batches on a GPU. The velocity function must be capturable: no host synchronisation
     (``.item()``, ``.cpu()``, data-dependent shapes) and no randomness. It reads the tensors it closes over
     (e.g. model weights) in place on every replay, so updating them in place is seen; reallocating them is
-    not. The graph keeps its own memory pool until the sampler is dropped.
+    not. An enclosing ``torch.autocast`` region at construction is baked into the graph. The graph keeps its
+    own memory pool until the sampler is dropped.
 
     ::
 
@@ -110,9 +112,10 @@ class GraphedSampler:
         self.shape, self.dtype, self.device = example_x0.shape, example_x0.dtype, example_x0.device
         with torch.inference_mode(False):  # a normal tensor: calls inside and outside inference mode copy into it
             self._input = example_x0.detach().clone()
-        # no autograd graph is recorded (sampling never needs one); warm-up on a side stream, as
+        # no autograd graph is recorded (sampling never needs one); no autocast cast cache (a cast weight cached
+        # by an enclosing autocast region would be freed under the graph); warm-up on a side stream, as
         # torch.cuda.graphs asks: lazy cuBLAS handles, workspaces and the allocator's first blocks stay out
-        with torch.no_grad():
+        with torch.no_grad(), torch.cuda.device(self.device), _autocast_cache_off():
             side = torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):
@@ -129,10 +132,20 @@ class GraphedSampler:
                    else type(x0).__name__)
             raise ValueError(f"GraphedSampler: x0 must be {tuple(self.shape)} {self.dtype} on {self.device} (the "
                              f"captured shape), got {got}")
-        with torch.no_grad():
+        with torch.no_grad(), torch.cuda.device(self.device):
             self._input.copy_(x0)
             self._graph.replay()
             return self._output.clone()
+
+
+@contextlib.contextmanager
+def _autocast_cache_off():
+    enabled = torch.is_autocast_cache_enabled()
+    torch.set_autocast_cache_enabled(False)
+    try:
+        yield
+    finally:
+        torch.set_autocast_cache_enabled(enabled)
 
 
 _time_grid = time_grid

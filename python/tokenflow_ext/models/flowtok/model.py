@@ -208,8 +208,9 @@ class FlowTok(nn.Module):
         if x0.device.type != "cuda":
             raise ValueError(f"FlowTok.generate: cuda_graph=True needs the model on a CUDA device, got {x0.device}")
         weights = tuple((p.data_ptr(), p.dtype) for p in self.nnet.parameters())
+        outer_autocast = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
         key = (tuple(x0.shape), x0.dtype, x0.device, num_steps, float(guidance_scale), time_grid, autocast_dtype,
-               torch.is_inference_mode_enabled(), weights)
+               outer_autocast, torch.is_inference_mode_enabled(), weights)
         samplers = self.__dict__.setdefault("_graphed_samplers", {})
         if key not in samplers:
             samplers.clear()  # one capture at a time: each keeps its own memory pool
@@ -220,6 +221,11 @@ class FlowTok(nn.Module):
     def clear_cuda_graphs(self) -> None:
         """Drop the CUDA graphs of ``generate(cuda_graph=True)`` and the memory they hold."""
         self.__dict__.pop("_graphed_samplers", None)
+
+    def __getstate__(self):  # copy.deepcopy (EMA copies) and pickling leave the captured graphs behind
+        state = dict(super().__getstate__())
+        state.pop("_graphed_samplers", None)
+        return state
 
     @inference_when_eval
     @torch.no_grad()
