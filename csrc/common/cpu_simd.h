@@ -16,9 +16,24 @@
 
 namespace tokenflow_ext {
 
+inline float float_from_bits(uint32_t bits) {
+  float value;
+  std::memcpy(&value, &bits, sizeof(value));
+  return value;
+}
+
+// value rounded to bfloat16 (round to nearest even, NaN -> quiet 0x7FC0), in the upper 16 bits of the result
+// (the lower 16 are not cleared)
+inline uint32_t bf16_rounded_upper(float value) {
+  uint32_t bits;
+  std::memcpy(&bits, &value, sizeof(bits));
+  const uint32_t rounded = bits + UINT32_C(0x7FFF) + ((bits >> 16) & 1);
+  return value != value ? UINT32_C(0x7FC00000) : rounded;
+}
+
 // Element loads and stores of the CPU kernels in their arithmetic type. bfloat16 gets branch-free bit
-// conversions (the upper half of a float; round to nearest even, NaN kept quiet), the same values as
-// c10::BFloat16's, written so the compiler vectorises the loops around them.
+// conversions (the upper half of a float; bf16_rounded_upper), the same values as c10::BFloat16's, written so
+// the compiler vectorises the loops around them.
 template <typename acc_t, typename scalar_t>
 inline acc_t load_as(scalar_t value) {
   return static_cast<acc_t>(value);
@@ -26,10 +41,7 @@ inline acc_t load_as(scalar_t value) {
 
 template <>
 inline float load_as<float, c10::BFloat16>(c10::BFloat16 value) {
-  const uint32_t bits = static_cast<uint32_t>(value.x) << 16;
-  float result;
-  std::memcpy(&result, &bits, sizeof(result));
-  return result;
+  return float_from_bits(static_cast<uint32_t>(value.x) << 16);
 }
 
 template <typename scalar_t, typename acc_t>
@@ -39,10 +51,7 @@ inline scalar_t store_as(acc_t value) {
 
 template <>
 inline c10::BFloat16 store_as<c10::BFloat16, float>(float value) {
-  uint32_t bits;
-  std::memcpy(&bits, &value, sizeof(bits));
-  const uint32_t rounded = (bits + UINT32_C(0x7FFF) + ((bits >> 16) & 1)) >> 16;
-  return c10::BFloat16(static_cast<uint16_t>(value != value ? UINT32_C(0x7FC0) : rounded), c10::BFloat16::from_bits());
+  return c10::BFloat16(static_cast<uint16_t>(bf16_rounded_upper(value) >> 16), c10::BFloat16::from_bits());
 }
 
 }  // namespace tokenflow_ext

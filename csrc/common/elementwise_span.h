@@ -21,19 +21,16 @@ static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "elementwise_span.h: bf
 
 namespace tokenflow_ext {
 
-inline float float_from_bits(uint32_t bits) {
-  float value;
-  std::memcpy(&value, &bits, sizeof(value));
-  return value;
+// Two neighbouring bfloat16 elements as one 32-bit word, and each half of it widened to float.
+inline uint32_t bf16_pair_word(const c10::BFloat16* pair) {
+  uint32_t word;
+  std::memcpy(&word, pair, sizeof(word));
+  return word;
 }
 
-// value rounded to bfloat16, in the upper 16 bits (the lower 16 are not cleared)
-inline uint32_t bf16_rounded_upper(float value) {
-  uint32_t bits;
-  std::memcpy(&bits, &value, sizeof(bits));
-  const uint32_t rounded = bits + UINT32_C(0x7FFF) + ((bits >> 16) & 1);
-  return value != value ? UINT32_C(0x7FC00000) : rounded;
-}
+inline float bf16_pair_low(uint32_t word) { return float_from_bits(word << 16); }
+
+inline float bf16_pair_high(uint32_t word) { return float_from_bits(word & UINT32_C(0xFFFF0000)); }
 
 inline uint32_t bf16_pair_bits(float low, float high) {
   return (bf16_rounded_upper(high) & UINT32_C(0xFFFF0000)) | (bf16_rounded_upper(low) >> 16);
@@ -52,10 +49,9 @@ TFX_CPU_SIMD void map_span(std::array<const scalar_t*, kIn> in, std::array<scala
     for (int64_t k = 0; k < pairs; ++k) {
       acc_t low[kIn], high[kIn], low_out[kOut], high_out[kOut];
       for (int j = 0; j < kIn; ++j) {
-        uint32_t word;
-        std::memcpy(&word, in[j] + 2 * k, sizeof(word));
-        low[j] = float_from_bits(word << 16);
-        high[j] = float_from_bits(word & UINT32_C(0xFFFF0000));
+        const uint32_t word = bf16_pair_word(in[j] + 2 * k);
+        low[j] = bf16_pair_low(word);
+        high[j] = bf16_pair_high(word);
       }
       fn(low, low_out);
       fn(high, high_out);

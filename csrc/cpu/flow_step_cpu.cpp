@@ -6,7 +6,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cstring>
 #include <type_traits>
 
 #include "common/cpu_simd.h"
@@ -88,20 +87,15 @@ TFX_CPU_SIMD double squared_residual_span(const scalar_t* v_pred, const scalar_t
   if constexpr (std::is_same_v<scalar_t, c10::BFloat16> && std::is_same_v<acc_t, float>) {
     constexpr int64_t kPairs = kResidualLanes;
     const int64_t grouped = n - n % (2 * kPairs);
-    const auto word = [](const scalar_t* p) {
-      uint32_t bits;
-      std::memcpy(&bits, p, sizeof(bits));
-      return bits;
-    };
     while (i < grouped) {
       const int64_t block_end = std::min(i + kResidualBlock, grouped);
       acc_t lanes[2 * kPairs] = {};
       for (int64_t j = i; j < block_end; j += 2 * kPairs) {
         for (int64_t l = 0; l < kPairs; ++l) {
-          constexpr uint32_t kHigh = UINT32_C(0xFFFF0000);
-          const uint32_t v = word(v_pred + j + 2 * l), a = word(x0 + j + 2 * l), b = word(x1 + j + 2 * l);
-          lanes[l] += squared(float_from_bits(v << 16), float_from_bits(a << 16), float_from_bits(b << 16));
-          lanes[kPairs + l] += squared(float_from_bits(v & kHigh), float_from_bits(a & kHigh), float_from_bits(b & kHigh));
+          const uint32_t v = bf16_pair_word(v_pred + j + 2 * l), a = bf16_pair_word(x0 + j + 2 * l),
+                         b = bf16_pair_word(x1 + j + 2 * l);
+          lanes[l] += squared(bf16_pair_low(v), bf16_pair_low(a), bf16_pair_low(b));
+          lanes[kPairs + l] += squared(bf16_pair_high(v), bf16_pair_high(a), bf16_pair_high(b));
         }
       }
       total += lane_total(lanes);
