@@ -189,9 +189,9 @@ class FlowTok(nn.Module):
         ``cuda_graph=True`` (CUDA only): the whole Euler loop runs as one CUDA graph (:class:`GraphedSampler`),
         captured on the first call and replayed by the next calls with the same batch shape, dtype, step count,
         guidance scale, time grid and autocast setting (another setting replaces it); same values as the eager
-        loop. The graphs read the flow
-        transformer's weights in place (in-place updates are seen; reallocated weights, e.g. after ``.to()``,
-        give a new capture); :meth:`clear_cuda_graphs` frees them. No progress bar in a graph."""
+        loop. The graphs read the flow transformer's weights in place (in-place updates are seen; reallocated
+        weights, e.g. after ``.to()``, give a new capture); :meth:`clear_cuda_graphs` frees them. No progress
+        bar in a graph."""
         features = self.text_features(text)
         x0, _, _ = self.nnet.encode_text(features, generator=generator)
         if cuda_graph:
