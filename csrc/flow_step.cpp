@@ -14,10 +14,11 @@ TORCH_LIBRARY_FRAGMENT(tokenflow_ext, m) {
       "flow_interpolate_backward(Tensor? grad_x_t, Tensor? grad_v_target, Tensor t, float sigma_min, "
       "bool x0_needs_grad, bool x1_needs_grad) -> (Tensor, Tensor)");
   // per-sample loss (B,) = mean over each sample of (v_pred - (x1 - (1 - sigma_min) x0))^2, in fp32
-  // (fp64 for fp64 inputs); v_target is recomputed, never stored.
-  m.def("flow_matching_loss(Tensor v_pred, Tensor x0, Tensor x1, float sigma_min) -> Tensor");
+  // (fp64 for fp64 inputs); v_target is recomputed, never stored. x0 None reads as zeros: x1 is then the target
+  // velocity itself (flow.velocity_loss, on the v_target that flow_interpolate stored).
+  m.def("flow_matching_loss(Tensor v_pred, Tensor? x0, Tensor x1, float sigma_min) -> Tensor");
   m.def(
-      "flow_matching_loss_backward(Tensor grad_loss, Tensor v_pred, Tensor x0, Tensor x1, float sigma_min, "
+      "flow_matching_loss_backward(Tensor grad_loss, Tensor v_pred, Tensor? x0, Tensor x1, float sigma_min, "
       "bool x0_needs_grad, bool x1_needs_grad) -> (Tensor, Tensor, Tensor)");
   // x + dt (v_u + s (v_c - v_u)); v_uncond None: v_cond is either (B, ...) (plain Euler, s must be 1) or the
   // stacked (2B, ...) model output [cond; uncond].
@@ -99,8 +100,9 @@ const auto& matching_loss_backward_op() {
   static const auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow(TFX_OP_NAME(tokenflow_ext, "flow_matching_loss_backward"), "")
-          .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                                                const at::Tensor&, double, bool, bool)>();
+          .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                                const std::optional<at::Tensor>&, const at::Tensor&,
+                                                                double, bool, bool)>();
   return op;
 }
 
@@ -168,15 +170,17 @@ struct InterpolateFunction : public torch::autograd::Function<InterpolateFunctio
 };
 
 struct MatchingLossFunction : public torch::autograd::Function<MatchingLossFunction> {
-  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& v_pred, const at::Tensor& x0,
-                            const at::Tensor& x1, double sigma_min) {
-    static const auto op = c10::Dispatcher::singleton()
-                               .findSchemaOrThrow(TFX_OP_NAME(tokenflow_ext, "flow_matching_loss"), "")
-                               .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, double)>();
+  // x0 undefined: no x0 term (x1 is the target velocity)
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& v_pred,
+                            const std::optional<at::Tensor>& x0, const at::Tensor& x1, double sigma_min) {
+    static const auto op =
+        c10::Dispatcher::singleton()
+            .findSchemaOrThrow(TFX_OP_NAME(tokenflow_ext, "flow_matching_loss"), "")
+            .typed<at::Tensor(const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&, double)>();
     at::AutoDispatchBelowADInplaceOrView guard;
     at::Tensor loss = op.call(v_pred, x0, x1, sigma_min);
     ctx->saved_data["sigma_min"] = sigma_min;
-    ctx->save_for_backward({v_pred, x0, x1});
+    ctx->save_for_backward({v_pred, x0.value_or(at::Tensor()), x1});
     return loss;
   }
 
@@ -185,22 +189,25 @@ struct MatchingLossFunction : public torch::autograd::Function<MatchingLossFunct
     const auto saved = ctx->get_saved_variables();
     const at::Tensor &v_pred = saved[0], &x0 = saved[1], &x1 = saved[2];
     const double sigma_min = ctx->saved_data["sigma_min"].toDouble();
-    const bool needs_v = ctx->needs_input_grad(0), needs_x0 = ctx->needs_input_grad(1),
-               needs_x1 = ctx->needs_input_grad(2);
+    // needs_input_grad counts edges, and a None x0 has none
+    const bool needs_v = ctx->needs_input_grad(0), needs_x0 = x0.defined() && ctx->needs_input_grad(1),
+               needs_x1 = ctx->needs_input_grad(x0.defined() ? 2 : 1);
     at::Tensor grad_v, grad_x0, grad_x1;
     if (at::GradMode::is_enabled()) {  // create_graph: the same formulas, differentiable
       const auto acc = accumulate_type_for(v_pred.scalar_type());
       const double keep = 1.0 - sigma_min;
       const int64_t per_sample_count = v_pred.size(0) > 0 ? v_pred[0].numel() : 1;
-      const at::Tensor residual = v_pred.to(acc) - (x1.to(acc) - keep * x0.to(acc));
+      const at::Tensor target = x0.defined() ? x1.to(acc) - keep * x0.to(acc) : x1.to(acc);
+      const at::Tensor residual = v_pred.to(acc) - target;
       const at::Tensor grad_residual =
           per_sample(grads[0].to(acc) * (2.0 / static_cast<double>(per_sample_count)), v_pred) * residual;
       grad_v = grad_residual.to(v_pred.scalar_type());
-      grad_x0 = (keep * grad_residual).to(x0.scalar_type());
+      if (x0.defined()) grad_x0 = (keep * grad_residual).to(x0.scalar_type());
       grad_x1 = (-grad_residual).to(x1.scalar_type());
     } else {
       std::tie(grad_v, grad_x0, grad_x1) =
-          matching_loss_backward_op().call(grads[0], v_pred, x0, x1, sigma_min, needs_x0, needs_x1);
+          matching_loss_backward_op().call(grads[0], v_pred, x0.defined() ? std::optional<at::Tensor>(x0) : std::nullopt,
+                                           x1, sigma_min, needs_x0, needs_x1);
     }
     return {needs_v ? grad_v : at::Tensor(), needs_x0 ? grad_x0 : at::Tensor(), needs_x1 ? grad_x1 : at::Tensor(),
             at::Tensor()};
@@ -213,8 +220,8 @@ std::tuple<at::Tensor, at::Tensor> flow_interpolate_autograd(const at::Tensor& x
   return {outputs[0], outputs[1]};
 }
 
-at::Tensor flow_matching_loss_autograd(const at::Tensor& v_pred, const at::Tensor& x0, const at::Tensor& x1,
-                                       double sigma_min) {
+at::Tensor flow_matching_loss_autograd(const at::Tensor& v_pred, const std::optional<at::Tensor>& x0,
+                                       const at::Tensor& x1, double sigma_min) {
   return MatchingLossFunction::apply(v_pred, x0, x1, sigma_min);
 }
 

@@ -98,20 +98,22 @@ inline InterpolateBackwardCall begin_flow_interpolate_backward(const std::option
 }
 
 struct MatchingLossCall {
-  at::Tensor v_pred, x0, x1;  // contiguous
+  at::Tensor v_pred, x0, x1;  // contiguous; x0 undefined when absent (x1 is then the target velocity)
   at::Tensor loss;            // (B,), accumulate dtype
   FlowBatch batch;
 };
 
-inline MatchingLossCall begin_flow_matching_loss(const char* op, const at::Tensor& v_pred, const at::Tensor& x0,
-                                                 const at::Tensor& x1, double sigma_min) {
+inline MatchingLossCall begin_flow_matching_loss(const char* op, const at::Tensor& v_pred,
+                                                 const std::optional<at::Tensor>& x0, const at::Tensor& x1,
+                                                 double sigma_min) {
   MatchingLossCall call;
   call.batch = flow_batch_of(op, "v_pred", v_pred);
-  check_same_shape(op, "x0", x0, "v_pred", v_pred);
+  const bool has_x0 = x0.has_value() && x0->defined();
+  if (has_x0) check_same_shape(op, "x0", *x0, "v_pred", v_pred);
   check_same_shape(op, "x1", x1, "v_pred", v_pred);
   check_sigma_min(op, sigma_min);
   call.v_pred = v_pred.contiguous();
-  call.x0 = x0.contiguous();
+  if (has_x0) call.x0 = x0->contiguous();
   call.x1 = x1.contiguous();
   call.loss = at::empty({call.batch.B}, v_pred.options().dtype(accumulate_type_for(v_pred.scalar_type())));
   return call;
@@ -131,21 +133,22 @@ struct MatchingLossBackwardCall {
   MatchingLossCall inputs;  // v_pred, x0, x1 (contiguous) and the batch
   at::Tensor grad_loss;     // (B,), accumulate dtype
   at::Tensor grad_v_pred;   // like v_pred
-  at::Tensor grad_x0;       // like x0 when needed, else empty
+  at::Tensor grad_x0;       // like v_pred when needed, else empty
   at::Tensor grad_x1;       // like x1 when needed, else empty
 };
 
 inline MatchingLossBackwardCall begin_flow_matching_loss_backward(const at::Tensor& grad_loss, const at::Tensor& v_pred,
-                                                                  const at::Tensor& x0, const at::Tensor& x1,
-                                                                  double sigma_min, bool x0_needs_grad,
-                                                                  bool x1_needs_grad) {
+                                                                  const std::optional<at::Tensor>& x0,
+                                                                  const at::Tensor& x1, double sigma_min,
+                                                                  bool x0_needs_grad, bool x1_needs_grad) {
   constexpr const char* op = "tokenflow_ext.flow_matching_loss_backward";
   MatchingLossBackwardCall call;
   call.inputs = begin_flow_matching_loss(op, v_pred, x0, x1, sigma_min);
+  TORCH_CHECK(!x0_needs_grad || call.inputs.x0.defined(), op, ": x0_needs_grad is set but x0 is None");
   call.grad_loss = check_grad_loss(op, grad_loss, v_pred, call.inputs.batch.B);
   call.grad_v_pred = empty_output_like(call.inputs.v_pred);
   const auto empty = at::empty({0}, v_pred.options());
-  call.grad_x0 = x0_needs_grad ? empty_output_like(call.inputs.x0) : empty;
+  call.grad_x0 = x0_needs_grad ? empty_output_like(call.inputs.v_pred) : empty;
   call.grad_x1 = x1_needs_grad ? empty_output_like(call.inputs.x1) : empty;
   return call;
 }

@@ -3,7 +3,12 @@ import torch
 from helpers import DEVICES, FLOAT_DTYPES
 
 from tokenflow_ext import flow
-from tokenflow_ext.reference import euler_step_reference, interpolate_reference, matching_loss_reference
+from tokenflow_ext.reference import (
+    euler_step_reference,
+    interpolate_reference,
+    matching_loss_reference,
+    velocity_loss_reference,
+)
 
 SIGMA = 1e-5
 
@@ -54,6 +59,19 @@ def test_matching_loss_values(device, dtype, reduction):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("shape", [(6, 77, 16), (3, 37), (2, 1)])
+def test_velocity_loss_values(device, dtype, reduction, shape):
+    v_pred, v_target = latents(shape, dtype=dtype, device=device, seed=12, count=2)
+    loss = flow.velocity_loss(v_pred, v_target, reduction)
+    exact = velocity_loss_reference(*upcast(v_pred, v_target), reduction)
+    assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert loss.shape == exact.shape
+    torch.testing.assert_close(loss.double(), exact, rtol=1e-6 if dtype != torch.float64 else 1e-12, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_matching_loss_large_samples_stay_accurate(device):
     # [64, 4096, 64]-like per-sample sizes (262144 elements): fp64 partial sums keep fp32 inputs exact
     v_pred, x0, x1 = latents((2, 4096, 64), device=device, seed=3)
@@ -81,6 +99,65 @@ def test_training_gradients_match_eager_autograd(device):
     expected = run(interpolate_reference, matching_loss_reference)
     for a, b in zip(ours, expected):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("x1_grad", [True, False])
+def test_velocity_loss_on_the_stored_target_trains_like_matching_loss(device, x1_grad):
+    """interpolate's v_target + velocity_loss: the target's gradient goes back through interpolate, which gives x0
+    (and x1) their whole gradient; the same loss and gradients as matching_loss and as eager autograd."""
+    base = latents((5, 77, 16), dtype=torch.float64, device=device, seed=14, count=2)
+    t_base = timesteps(5, device).double()
+    weights = torch.randn(5, 77, 16, dtype=torch.float64, device=device)
+
+    def run(loss_of):
+        x0, x1 = [b.clone().requires_grad_() for b in base]
+        t = t_base.clone().requires_grad_()
+        loss = loss_of(x0, x1, t)
+        loss.backward()
+        return loss.detach(), x0.grad, x1.grad, t.grad
+
+    def stored_target(x0, x1, t):
+        x_t, v_target = flow.interpolate(x0, x1, t, SIGMA, x1_grad=x1_grad)
+        return flow.velocity_loss(torch.tanh(x_t) * weights, v_target)
+
+    def recomputed_target(x0, x1, t):
+        x_t, _ = flow.interpolate(x0, x1, t, SIGMA, x1_grad=x1_grad, with_target=False)
+        return flow.matching_loss(torch.tanh(x_t) * weights, x0, x1, SIGMA, x1_grad=x1_grad)
+
+    def eager(x0, x1, t):
+        x_t, v_target = interpolate_reference(x0, x1 if x1_grad else x1.detach(), t, SIGMA)
+        return velocity_loss_reference(torch.tanh(x_t) * weights, v_target)
+
+    ours, recomputed, expected = run(stored_target), run(recomputed_target), run(eager)
+    assert (ours[2] is None) == (not x1_grad)
+    for a, b, c in zip(ours, recomputed, expected):
+        if c is None:
+            assert a is None and b is None
+            continue
+        torch.testing.assert_close(a, c, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(b, c, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_velocity_loss_gradients_and_op_checks(device):
+    v_pred, v_target = [t.requires_grad_() for t in latents((3, 2, 4), dtype=torch.float64, device=device, seed=15,
+                                                            count=2)]
+    for reduction in ("mean", "none"):
+        assert torch.autograd.gradcheck(lambda v, tgt: flow.velocity_loss(v, tgt, reduction), (v_pred, v_target))
+    assert torch.autograd.gradgradcheck(lambda v, tgt: flow.velocity_loss(v, tgt, "none"), (v_pred, v_target))
+    ops = torch.ops.tokenflow_ext
+    v, tgt = latents((4, 77, 16), device=device, seed=16, count=2)
+    grad_loss = timesteps(4, device)
+    torch.library.opcheck(ops.flow_matching_loss.default, (v, None, tgt, 0.0))
+    torch.library.opcheck(ops.flow_matching_loss.default, (v.requires_grad_(), None, tgt.requires_grad_(), 0.0))
+    torch.library.opcheck(ops.flow_matching_loss_backward.default, (grad_loss, v, None, tgt, 0.0, False, True))
+    with pytest.raises(RuntimeError, match="flow_matching_loss_backward: x0_needs_grad is set but x0 is None"):
+        ops.flow_matching_loss_backward(grad_loss, v.detach(), None, tgt.detach(), 0.0, True, False)
+    with pytest.raises(RuntimeError, match="x1 has shape .* but v_pred has shape"):
+        flow.velocity_loss(v, tgt[:, :3])
+    with pytest.raises(ValueError, match="velocity_loss: reduction must be one of"):
+        flow.velocity_loss(v, tgt, reduction="batchmean")
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -208,6 +285,7 @@ def test_empty_batch(device):
     x_t, v = flow.interpolate(x0, x1, t)
     assert x_t.shape == (0, 77, 16) and v.shape == (0, 77, 16)
     assert flow.matching_loss(x0, x0, x1, reduction="none").shape == (0,)
+    assert flow.velocity_loss(x0, x1, reduction="none").shape == (0,)
     assert flow.euler_step(x0, x1, dt=0.1).shape == (0, 77, 16)
 
 
@@ -219,6 +297,10 @@ def test_torch_compile_fullgraph():
         x_t, _ = flow.interpolate(a, b, tt, with_target=False)
         v_pred = x_t * weights
         return flow.matching_loss(v_pred, a, b)
+
+    def train_step_stored_target(a, b, tt):
+        x_t, v_target = flow.interpolate(a, b, tt)
+        return flow.velocity_loss(x_t * weights, v_target)
 
     def sample_step(x, v_cond, v_uncond):
         return flow.euler_step(x, v_cond, v_uncond, dt=0.05, guidance_scale=2.0)
@@ -232,6 +314,12 @@ def test_torch_compile_fullgraph():
     eager_loss.backward()
     torch.testing.assert_close(loss, eager_loss)
     for a, b in zip(leaves, eager_leaves):
+        torch.testing.assert_close(a.grad, b.grad)
+    stored = [x0.clone().requires_grad_(), x1.clone().requires_grad_()]
+    stored_loss = torch.compile(train_step_stored_target, fullgraph=True)(*stored, t)
+    stored_loss.backward()
+    torch.testing.assert_close(stored_loss, eager_loss)
+    for a, b in zip(stored, eager_leaves):
         torch.testing.assert_close(a.grad, b.grad)
     compiled_sample = torch.compile(sample_step, fullgraph=True)
     torch.testing.assert_close(compiled_sample(x0, x1, weights), sample_step(x0, x1, weights))

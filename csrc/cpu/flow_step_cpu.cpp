@@ -59,10 +59,21 @@ void linear_combination_span(const scalar_t* g_xt, acc_t c_xt, const scalar_t* g
                                   [=](const acc_t (&in)[1], acc_t (&result)[1]) { result[0] = c * in[0]; });
 }
 
-// sum (v_pred - (x1 - keep x0))^2 over the span: kResidualLanes lanes in the arithmetic type over each block of
-// up to kResidualBlock elements (they vectorise), each block's lanes added in a fixed tree into an fp64 total;
-// the last block is shorter (any whole number of lane groups) and only the final elements that fill no lane
-// group go one by one. bfloat16 spans run 32 lanes over 16 pairs (the low and the high halves, see
+// The target velocity of the loss spans: x1 - keep x0, or x1 itself when the loss has no x0 (kWithSource false:
+// x1 is a stored v_target; x0 is then null and never read).
+template <bool kWithSource, typename acc_t>
+acc_t target_velocity(acc_t source, acc_t target, acc_t keep) {
+  if constexpr (kWithSource) {
+    return target - keep * source;
+  } else {
+    return target;
+  }
+}
+
+// sum (v_pred - target)^2 over the span: kResidualLanes lanes in the arithmetic type over each block of up to
+// kResidualBlock elements (they vectorise), each block's lanes added in a fixed tree into an fp64 total; the
+// last block is shorter (any whole number of lane groups) and only the final elements that fill no lane group
+// go one by one. bfloat16 spans run 32 lanes over 16 pairs (the low and the high halves, see
 // elementwise_span.h) first. Deterministic, and fp64 where the long sums happen.
 constexpr int64_t kResidualLanes = 16;
 constexpr int64_t kResidualBlock = 256;
@@ -75,13 +86,14 @@ double lane_total(acc_t (&lanes)[kLanes]) {
   return static_cast<double>(lanes[0]);
 }
 
-template <typename scalar_t, typename acc_t>
+template <bool kWithSource, typename scalar_t, typename acc_t>
 TFX_CPU_SIMD double squared_residual_span(const scalar_t* v_pred, const scalar_t* x0, const scalar_t* x1, int64_t n,
                                           acc_t keep) {
   const auto squared = [keep](acc_t v, acc_t source, acc_t target) {
-    const acc_t r = v - (target - keep * source);
+    const acc_t r = v - target_velocity<kWithSource>(source, target, keep);
     return r * r;
   };
+  const auto source_at = [x0](int64_t i) { return kWithSource ? load_as<acc_t>(x0[i]) : acc_t(0); };
   double total = 0;
   int64_t i = 0;
   if constexpr (std::is_same_v<scalar_t, c10::BFloat16> && std::is_same_v<acc_t, float>) {
@@ -92,8 +104,8 @@ TFX_CPU_SIMD double squared_residual_span(const scalar_t* v_pred, const scalar_t
       acc_t lanes[2 * kPairs] = {};
       for (int64_t j = i; j < block_end; j += 2 * kPairs) {
         for (int64_t l = 0; l < kPairs; ++l) {
-          const uint32_t v = bf16_pair_word(v_pred + j + 2 * l), a = bf16_pair_word(x0 + j + 2 * l),
-                         b = bf16_pair_word(x1 + j + 2 * l);
+          const uint32_t v = bf16_pair_word(v_pred + j + 2 * l), b = bf16_pair_word(x1 + j + 2 * l);
+          const uint32_t a = kWithSource ? bf16_pair_word(x0 + j + 2 * l) : 0u;
           lanes[l] += squared(bf16_pair_low(v), bf16_pair_low(a), bf16_pair_low(b));
           lanes[kPairs + l] += squared(bf16_pair_high(v), bf16_pair_high(a), bf16_pair_high(b));
         }
@@ -108,41 +120,48 @@ TFX_CPU_SIMD double squared_residual_span(const scalar_t* v_pred, const scalar_t
     acc_t lanes[kResidualLanes] = {};
     for (int64_t j = i; j < block_end; j += kResidualLanes) {
       for (int64_t l = 0; l < kResidualLanes; ++l) {
-        lanes[l] += squared(load_as<acc_t>(v_pred[j + l]), load_as<acc_t>(x0[j + l]), load_as<acc_t>(x1[j + l]));
+        lanes[l] += squared(load_as<acc_t>(v_pred[j + l]), source_at(j + l), load_as<acc_t>(x1[j + l]));
       }
     }
     total += lane_total(lanes);
     i = block_end;
   }
   for (; i < n; ++i) {
-    total += static_cast<double>(squared(load_as<acc_t>(v_pred[i]), load_as<acc_t>(x0[i]), load_as<acc_t>(x1[i])));
+    total += static_cast<double>(squared(load_as<acc_t>(v_pred[i]), source_at(i), load_as<acc_t>(x1[i])));
   }
   return total;
 }
 
-// r = v_pred - v_target: grad_v_pred = g r, grad_x0 = keep g r, grad_x1 = -g r (x0 / x1 outputs optional)
-template <typename scalar_t, typename acc_t>
+// r = v_pred - target: grad_v_pred = g r, grad_x0 = keep g r, grad_x1 = -g r (x0 / x1 outputs optional;
+// without a source the inputs are v_pred and x1 only)
+template <bool kWithSource, typename scalar_t, typename acc_t>
 void residual_gradients_span(const scalar_t* v_pred, const scalar_t* x0, const scalar_t* x1, int64_t n, acc_t keep,
                              acc_t g, scalar_t* grad_v_pred, scalar_t* grad_x0, scalar_t* grad_x1) {
-  using Inputs = const acc_t (&)[3];
-  const auto scaled_residual = [=](Inputs in) { return g * (in[0] - (in[2] - keep * in[1])); };
-  const std::array<const scalar_t*, 3> inputs{v_pred, x0, x1};
+  constexpr size_t kIn = kWithSource ? 3 : 2;
+  using Inputs = const acc_t (&)[kIn];
+  const auto scaled_residual = [=](Inputs in) {
+    return g * (in[0] - target_velocity<kWithSource>(in[kIn - 2], in[kIn - 1], keep));
+  };
+  std::array<const scalar_t*, kIn> inputs{};
+  inputs.front() = v_pred;
+  inputs.back() = x1;
+  if constexpr (kWithSource) inputs[1] = x0;
   if (grad_x0 != nullptr && grad_x1 != nullptr) {
-    map_span<scalar_t, acc_t, 3, 3>(inputs, {grad_v_pred, grad_x0, grad_x1}, n, [=](Inputs in, acc_t (&out)[3]) {
+    map_span<scalar_t, acc_t, kIn, 3>(inputs, {grad_v_pred, grad_x0, grad_x1}, n, [=](Inputs in, acc_t (&out)[3]) {
       out[0] = scaled_residual(in);
       out[1] = keep * out[0];
       out[2] = -out[0];
     });
   } else if (grad_x0 != nullptr || grad_x1 != nullptr) {
     const acc_t factor = grad_x0 != nullptr ? keep : acc_t(-1);
-    map_span<scalar_t, acc_t, 3, 2>(inputs, {grad_v_pred, grad_x0 != nullptr ? grad_x0 : grad_x1}, n,
-                                    [=](Inputs in, acc_t (&out)[2]) {
-                                      out[0] = scaled_residual(in);
-                                      out[1] = factor * out[0];
-                                    });
+    map_span<scalar_t, acc_t, kIn, 2>(inputs, {grad_v_pred, grad_x0 != nullptr ? grad_x0 : grad_x1}, n,
+                                      [=](Inputs in, acc_t (&out)[2]) {
+                                        out[0] = scaled_residual(in);
+                                        out[1] = factor * out[0];
+                                      });
   } else {
-    map_span<scalar_t, acc_t, 3, 1>(inputs, {grad_v_pred}, n,
-                                    [=](Inputs in, acc_t (&out)[1]) { out[0] = scaled_residual(in); });
+    map_span<scalar_t, acc_t, kIn, 1>(inputs, {grad_v_pred}, n,
+                                      [=](Inputs in, acc_t (&out)[1]) { out[0] = scaled_residual(in); });
   }
 }
 
@@ -192,13 +211,16 @@ void interpolate_backward_kernel(const scalar_t* grad_xt, const scalar_t* grad_v
   });
 }
 
+// x0 null: the loss of v_pred against x1 itself
 template <typename scalar_t, typename acc_t>
 void matching_loss_kernel(const scalar_t* v_pred, const scalar_t* x0, const scalar_t* x1, FlowBatch batch,
                           acc_t sigma_min, acc_t* loss) {
   const acc_t keep = acc_t(1) - sigma_min;
   for_each_sample(batch, [&](int64_t b) {
     const int64_t o = b * batch.M;
-    const double sum = squared_residual_span<scalar_t, acc_t>(v_pred + o, x0 + o, x1 + o, batch.M, keep);
+    const double sum =
+        x0 != nullptr ? squared_residual_span<true, scalar_t, acc_t>(v_pred + o, x0 + o, x1 + o, batch.M, keep)
+                      : squared_residual_span<false, scalar_t, acc_t>(v_pred + o, nullptr, x1 + o, batch.M, keep);
     loss[b] = static_cast<acc_t>(sum / static_cast<double>(batch.M));
   });
 }
@@ -211,9 +233,15 @@ void matching_loss_backward_kernel(const acc_t* grad_loss, const scalar_t* v_pre
   const acc_t per_element = acc_t(2) / static_cast<acc_t>(batch.M);
   for_each_sample(batch, [&](int64_t b) {
     const int64_t o = b * batch.M;
-    residual_gradients_span<scalar_t, acc_t>(v_pred + o, x0 + o, x1 + o, batch.M, keep, grad_loss[b] * per_element,
-                                             grad_v_pred + o, grad_x0 != nullptr ? grad_x0 + o : nullptr,
-                                             grad_x1 != nullptr ? grad_x1 + o : nullptr);
+    const acc_t g = grad_loss[b] * per_element;
+    scalar_t* g_x1 = grad_x1 != nullptr ? grad_x1 + o : nullptr;
+    if (x0 != nullptr) {
+      residual_gradients_span<true, scalar_t, acc_t>(v_pred + o, x0 + o, x1 + o, batch.M, keep, g, grad_v_pred + o,
+                                                     grad_x0 != nullptr ? grad_x0 + o : nullptr, g_x1);
+    } else {
+      residual_gradients_span<false, scalar_t, acc_t>(v_pred + o, nullptr, x1 + o, batch.M, keep, g, grad_v_pred + o,
+                                                      nullptr, g_x1);
+    }
   });
 }
 
@@ -256,12 +284,12 @@ std::tuple<at::Tensor, at::Tensor> flow_interpolate_backward_cpu(const std::opti
   return {call.grad_x0, call.grad_x1};
 }
 
-at::Tensor flow_matching_loss_cpu(const at::Tensor& v_pred, const at::Tensor& x0, const at::Tensor& x1,
+at::Tensor flow_matching_loss_cpu(const at::Tensor& v_pred, const std::optional<at::Tensor>& x0, const at::Tensor& x1,
                                   double sigma_min) {
   MatchingLossCall call = begin_flow_matching_loss("tokenflow_ext.flow_matching_loss", v_pred, x0, x1, sigma_min);
   TFX_DISPATCH_FLOATS(v_pred.scalar_type(), "flow_matching_loss_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    matching_loss_kernel<scalar_t, acc_t>(call.v_pred.const_data_ptr<scalar_t>(), call.x0.const_data_ptr<scalar_t>(),
+    matching_loss_kernel<scalar_t, acc_t>(call.v_pred.const_data_ptr<scalar_t>(), maybe_ptr<scalar_t>(call.x0),
                                           call.x1.const_data_ptr<scalar_t>(), call.batch,
                                           static_cast<acc_t>(sigma_min), call.loss.data_ptr<acc_t>());
   });
@@ -269,7 +297,7 @@ at::Tensor flow_matching_loss_cpu(const at::Tensor& v_pred, const at::Tensor& x0
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> flow_matching_loss_backward_cpu(
-    const at::Tensor& grad_loss, const at::Tensor& v_pred, const at::Tensor& x0, const at::Tensor& x1,
+    const at::Tensor& grad_loss, const at::Tensor& v_pred, const std::optional<at::Tensor>& x0, const at::Tensor& x1,
     double sigma_min, bool x0_needs_grad, bool x1_needs_grad) {
   MatchingLossBackwardCall backward =
       begin_flow_matching_loss_backward(grad_loss, v_pred, x0, x1, sigma_min, x0_needs_grad, x1_needs_grad);
@@ -281,7 +309,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flow_matching_loss_backward_cpu(
   TFX_DISPATCH_FLOATS(v_pred.scalar_type(), "flow_matching_loss_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     matching_loss_backward_kernel<scalar_t, acc_t>(
-        grads.const_data_ptr<acc_t>(), call.v_pred.const_data_ptr<scalar_t>(), call.x0.const_data_ptr<scalar_t>(),
+        grads.const_data_ptr<acc_t>(), call.v_pred.const_data_ptr<scalar_t>(), maybe_ptr<scalar_t>(call.x0),
         call.x1.const_data_ptr<scalar_t>(), call.batch, static_cast<acc_t>(sigma_min),
         grad_v_pred.data_ptr<scalar_t>(), maybe_mutable_ptr<scalar_t>(grad_x0), maybe_mutable_ptr<scalar_t>(grad_x1));
   });

@@ -46,6 +46,14 @@ __global__ void interpolate_backward_kernel(const scalar_t* __restrict__ grad_xt
   }
 }
 
+// v_pred - (x1 - keep x0) at element e; x0 null reads as zeros (x1 is then the target velocity itself)
+template <typename scalar_t, typename acc_t, typename index_t>
+__device__ __forceinline__ acc_t loss_residual(const scalar_t* __restrict__ v_pred, const scalar_t* __restrict__ x0,
+                                               const scalar_t* __restrict__ x1, index_t e, acc_t keep) {
+  const acc_t target = static_cast<acc_t>(x1[e]);
+  return static_cast<acc_t>(v_pred[e]) - (x0 != nullptr ? target - keep * static_cast<acc_t>(x0[e]) : target);
+}
+
 // partial[b, chunk] = sum of (v_pred - v_target)^2 over one chunk of sample b, one warp per (b, chunk):
 // a flat grid-stride loop over B * chunks warps, so any B works (no gridDim.y limit) and no block barrier.
 template <typename scalar_t, typename acc_t>
@@ -62,8 +70,7 @@ __global__ void loss_partial_kernel(const scalar_t* __restrict__ v_pred, const s
     const int64_t offset = b * M;
     acc_t sum = 0;
     for (int64_t m = begin + lane; m < end; m += kWarpSize) {
-      const int64_t e = offset + m;
-      const acc_t r = static_cast<acc_t>(v_pred[e]) - (static_cast<acc_t>(x1[e]) - keep * static_cast<acc_t>(x0[e]));
+      const acc_t r = loss_residual(v_pred, x0, x1, offset + m, keep);
       sum += r * r;
     }
     sum = warp_sum(sum);
@@ -79,7 +86,7 @@ __global__ void loss_small_samples_kernel(const scalar_t* __restrict__ v_pred, c
   TFX_GRID_STRIDE(int64_t, b, B) {
     acc_t sum = 0;
     for (int64_t e = b * M; e < (b + 1) * M; ++e) {
-      const acc_t r = static_cast<acc_t>(v_pred[e]) - (static_cast<acc_t>(x1[e]) - keep * static_cast<acc_t>(x0[e]));
+      const acc_t r = loss_residual(v_pred, x0, x1, e, keep);
       sum += r * r;
     }
     loss[b] = static_cast<acc_t>(static_cast<double>(sum) / static_cast<double>(M));
@@ -103,8 +110,7 @@ __global__ void loss_backward_kernel(const acc_t* __restrict__ grad_loss, const 
                                      scalar_t* __restrict__ grad_x0, scalar_t* __restrict__ grad_x1) {
   const acc_t per_element = acc_t(2) / static_cast<acc_t>(M);
   TFX_GRID_STRIDE(index_t, e, count) {
-    const acc_t r = static_cast<acc_t>(v_pred[e]) - (static_cast<acc_t>(x1[e]) - keep * static_cast<acc_t>(x0[e]));
-    const acc_t gr = grad_loss[e / M] * per_element * r;
+    const acc_t gr = grad_loss[e / M] * per_element * loss_residual(v_pred, x0, x1, e, keep);
     grad_v_pred[e] = static_cast<scalar_t>(gr);
     if (grad_x0 != nullptr) grad_x0[e] = static_cast<scalar_t>(keep * gr);
     if (grad_x1 != nullptr) grad_x1[e] = static_cast<scalar_t>(-gr);
@@ -175,8 +181,8 @@ std::tuple<at::Tensor, at::Tensor> flow_interpolate_backward_cuda(const std::opt
   return {call.grad_x0, call.grad_x1};
 }
 
-at::Tensor flow_matching_loss_cuda(const at::Tensor& v_pred, const at::Tensor& x0, const at::Tensor& x1,
-                                   double sigma_min) {
+at::Tensor flow_matching_loss_cuda(const at::Tensor& v_pred, const std::optional<at::Tensor>& x0,
+                                   const at::Tensor& x1, double sigma_min) {
   MatchingLossCall call = begin_flow_matching_loss("tokenflow_ext.flow_matching_loss", v_pred, x0, x1, sigma_min);
   const int64_t B = call.batch.B, M = call.batch.M;
   if (B == 0) return call.loss;
@@ -186,7 +192,7 @@ at::Tensor flow_matching_loss_cuda(const at::Tensor& v_pred, const at::Tensor& x
     const acc_t keep = acc_t(1) - static_cast<acc_t>(sigma_min);
     if (M > 0 && M <= kSmallSample) {
       loss_small_samples_kernel<scalar_t, acc_t><<<grid_stride_blocks(B, kThreads), kThreads, 0, stream_for(v_pred)>>>(
-          call.v_pred.const_data_ptr<scalar_t>(), call.x0.const_data_ptr<scalar_t>(), call.x1.const_data_ptr<scalar_t>(),
+          call.v_pred.const_data_ptr<scalar_t>(), maybe_ptr<scalar_t>(call.x0), call.x1.const_data_ptr<scalar_t>(),
           B, M, keep, call.loss.data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       return;
@@ -196,7 +202,7 @@ at::Tensor flow_matching_loss_cuda(const at::Tensor& v_pred, const at::Tensor& x
     if (M > 0) {
       loss_partial_kernel<scalar_t, acc_t><<<grid_stride_blocks(B * chunks * kWarpSize, kThreads), kThreads, 0,
                                              stream_for(v_pred)>>>(
-          call.v_pred.const_data_ptr<scalar_t>(), call.x0.const_data_ptr<scalar_t>(), call.x1.const_data_ptr<scalar_t>(),
+          call.v_pred.const_data_ptr<scalar_t>(), maybe_ptr<scalar_t>(call.x0), call.x1.const_data_ptr<scalar_t>(),
           B, M, chunks, keep, partial.data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
@@ -208,7 +214,7 @@ at::Tensor flow_matching_loss_cuda(const at::Tensor& v_pred, const at::Tensor& x
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> flow_matching_loss_backward_cuda(
-    const at::Tensor& grad_loss, const at::Tensor& v_pred, const at::Tensor& x0, const at::Tensor& x1,
+    const at::Tensor& grad_loss, const at::Tensor& v_pred, const std::optional<at::Tensor>& x0, const at::Tensor& x1,
     double sigma_min, bool x0_needs_grad, bool x1_needs_grad) {
   MatchingLossBackwardCall backward =
       begin_flow_matching_loss_backward(grad_loss, v_pred, x0, x1, sigma_min, x0_needs_grad, x1_needs_grad);
@@ -226,7 +232,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flow_matching_loss_backward_cuda(
       using index_t = decltype(index);
       loss_backward_kernel<scalar_t, acc_t, index_t><<<grid_stride_blocks(count, kThreads), kThreads, 0,
                                                        stream_for(v_pred)>>>(
-          grads.const_data_ptr<acc_t>(), call.v_pred.const_data_ptr<scalar_t>(), call.x0.const_data_ptr<scalar_t>(),
+          grads.const_data_ptr<acc_t>(), call.v_pred.const_data_ptr<scalar_t>(), maybe_ptr<scalar_t>(call.x0),
           call.x1.const_data_ptr<scalar_t>(), static_cast<index_t>(count), static_cast<index_t>(call.batch.M),
           acc_t(1) - static_cast<acc_t>(sigma_min), grad_v_pred.data_ptr<scalar_t>(),
           maybe_mutable_ptr<scalar_t>(grad_x0), maybe_mutable_ptr<scalar_t>(grad_x1));

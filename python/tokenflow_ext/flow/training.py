@@ -7,7 +7,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..ops.flow_step import interpolate, matching_loss
+from ..ops.flow_step import interpolate, velocity_loss
 
 
 def logit_normal_timesteps(batch_size: int, *, mean: float = 0.0, std: float = 1.0, device=None,
@@ -22,10 +22,11 @@ def logit_normal_timesteps(batch_size: int, *, mean: float = 0.0, std: float = 1
 class FlowMatchingLoss(nn.Module):
     """The flow-matching objective of FlowTok, on the fused ops.
 
-    ``loss = loss_fn(model, x0, x1)`` samples logit-normal ``t``, builds ``x_t`` with
+    ``loss = loss_fn(model, x0, x1)`` samples logit-normal ``t``, builds ``x_t`` and the target velocity with
     :func:`tokenflow_ext.flow.interpolate`, calls ``model(x_t, t, **model_kwargs)`` and returns
-    :func:`tokenflow_ext.flow.matching_loss` of its prediction. Gradients reach ``x0`` through ``x_t`` and
-    through the (not detached) target, as in FlowTok. ``x1`` gets none unless ``x1_grad=True``: the image
+    :func:`tokenflow_ext.flow.velocity_loss` of its prediction against that target. Gradients reach ``x0``
+    through ``x_t`` and through the (not detached) target, as in FlowTok, both in interpolate's one backward
+    pass. ``x1`` gets none unless ``x1_grad=True``: the image
     latents usually come from a frozen tokenizer. The null-indicator target roll of CFG training belongs
     to the data side, not to this module.
     """
@@ -44,9 +45,9 @@ class FlowMatchingLoss(nn.Module):
         if t is None:
             t = logit_normal_timesteps(x0.shape[0], mean=self.timestep_mean, std=self.timestep_std,
                                        device=x0.device)
-        x_t, _ = interpolate(x0, x1, t, self.sigma_min, x1_grad=self.x1_grad, with_target=False)
+        x_t, v_target = interpolate(x0, x1, t, self.sigma_min, x1_grad=self.x1_grad)
         v_pred = model(x_t, t, **model_kwargs)
-        return matching_loss(v_pred, x0, x1, self.sigma_min, self.reduction, x1_grad=self.x1_grad)
+        return velocity_loss(v_pred, v_target, self.reduction)
 
     def extra_repr(self) -> str:
         return f"sigma_min={self.sigma_min}, reduction={self.reduction!r}, x1_grad={self.x1_grad}"

@@ -52,7 +52,25 @@ def matching_loss(v_pred: torch.Tensor, x0: torch.Tensor, x1: torch.Tensor, sigm
     if reduction not in REDUCTIONS:
         raise ValueError(f"matching_loss: reduction must be one of {REDUCTIONS}, got {reduction!r}")
     sigma_min = float_arg("tokenflow_ext.flow.matching_loss", "sigma_min", sigma_min)
-    per_sample = _ops.flow_matching_loss.default(v_pred, x0, x1 if x1_grad else x1.detach(), sigma_min)
+    return _reduce(_ops.flow_matching_loss.default(v_pred, x0, x1 if x1_grad else x1.detach(), sigma_min), reduction)
+
+
+def velocity_loss(v_pred: torch.Tensor, v_target: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Flow-matching loss against a stored target velocity: ``mean_b mean_elements (v_pred - v_target)^2``, fused.
+
+    Meant for the ``v_target`` of :func:`interpolate`: its gradient then goes back into interpolate's backward,
+    which folds it with the gradient of ``x_t`` into ``x0``'s (and ``x1``'s) in one pass, where
+    :func:`matching_loss` (which reads ``x0`` and ``x1`` again) gives ``x0`` a second gradient that autograd
+    adds in a separate pass. Same loss up to the rounding of the stored target in the latents' dtype (none
+    for float32). ``reduction`` and the float32 (float64) loss as in :func:`matching_loss`; gradients reach
+    ``v_pred`` and ``v_target``.
+    """
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"velocity_loss: reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    return _reduce(_ops.flow_matching_loss.default(v_pred, None, v_target, 0.0), reduction)
+
+
+def _reduce(per_sample: torch.Tensor, reduction: str) -> torch.Tensor:
     if reduction == "mean":
         return per_sample.mean()
     if reduction == "sum":
@@ -108,7 +126,7 @@ def _interpolate_backward_fake(grad_x_t, grad_v_target, t, sigma_min, x0_needs_g
 @torch.library.register_fake("tokenflow_ext::flow_matching_loss")
 def _matching_loss_fake(v_pred, x0, x1, sigma_min):
     torch._check(v_pred.dim() >= 1, lambda: "tokenflow_ext.flow_matching_loss: v_pred must be (B, ...)")
-    torch._check(v_pred.shape == x0.shape == x1.shape,
+    torch._check(v_pred.shape == x1.shape and (x0 is None or x0.shape == x1.shape),
                  lambda: "tokenflow_ext.flow_matching_loss: v_pred, x0 and x1 must have one shape")
     return v_pred.new_empty((v_pred.shape[0],), dtype=accumulate_dtype(v_pred.dtype))
 

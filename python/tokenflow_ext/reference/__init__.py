@@ -9,7 +9,13 @@ from .codebook import (
 )
 from .quantizer import official_multiscale_encode, official_quantizer_forward
 from .sampling import sample_logits_filter_reference
-from .flow import euler_step_reference, interpolate_reference, matching_loss_reference, sample_reference
+from .flow import (
+    euler_step_reference,
+    interpolate_reference,
+    matching_loss_reference,
+    sample_reference,
+    velocity_loss_reference,
+)
 
 # The official-style whole models subclass the model modules: imported on first use, so that the op
 # references stay importable without building any model code.
@@ -34,6 +40,7 @@ __all__ = [
     "official_multiscale_encode",
     "official_quantizer_forward",
     "sample_reference",
+    "velocity_loss_reference",
     "sample_logits_filter_reference",
     "codebook_distances",
     "codebook_gather_reference",

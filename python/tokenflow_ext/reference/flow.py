@@ -17,8 +17,11 @@ def interpolate_reference(x0, x1, t, sigma_min=1e-5):
 
 
 def matching_loss_reference(v_pred, x0, x1, sigma_min=1e-5, reduction="mean"):
-    target = x1 - (1 - sigma_min) * x0
-    per_sample = ((v_pred - target) ** 2).reshape(v_pred.shape[0], -1).mean(dim=1)
+    return velocity_loss_reference(v_pred, x1 - (1 - sigma_min) * x0, reduction)
+
+
+def velocity_loss_reference(v_pred, v_target, reduction="mean"):
+    per_sample = ((v_pred - v_target) ** 2).reshape(v_pred.shape[0], -1).mean(dim=1)
     return {"mean": per_sample.mean(), "sum": per_sample.sum(), "none": per_sample}[reduction]
 
 

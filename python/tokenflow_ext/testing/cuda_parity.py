@@ -31,6 +31,7 @@ from ..reference import (
     index_agreement,
     interpolate_reference,
     matching_loss_reference,
+    velocity_loss_reference,
 )
 
 Outputs = dict[str, torch.Tensor]
@@ -294,6 +295,9 @@ def _flow_case(name, shape, *, dtype=torch.float32, seed=2, emulate=True):
         loss = matching_loss_reference(v, x0, x1, sigma_min, reduction="none")
         problems += _close("loss vs reference", loss.to(actual["loss"].dtype), actual["loss"],
                            torch.float64 if dtype == torch.float64 else torch.float32)
+        problems += _close("velocity loss vs reference", velocity_loss_reference(v, x1, "none").to(
+            actual["velocity_loss"].dtype), actual["velocity_loss"], torch.float64 if dtype == torch.float64 else
+            torch.float32)
         vs = expected["in_v_stacked"].double()
         problems += _close("euler stacked vs reference",
                            euler_step_reference(x0, vs, dt=0.05, guidance_scale=2.0).to(dtype),
@@ -322,6 +326,10 @@ def _flow_case(name, shape, *, dtype=torch.float32, seed=2, emulate=True):
             grad_loss, v, x0, x1, sigma_min, True, True)
         out["loss_grad_v_alone"], _, _ = ops.flow_matching_loss_backward(grad_loss, v, x0, x1, sigma_min, False,
                                                                          False)
+        # no x0 (flow.velocity_loss): x1 is the target velocity itself
+        out["velocity_loss"] = ops.flow_matching_loss(v, None, x1, 0.0)
+        out["velocity_loss_grad_v"], _, out["velocity_loss_grad_target"] = ops.flow_matching_loss_backward(
+            grad_loss, v, None, x1, 0.0, False, True)
         if B > 0:  # with B = 0 the stacked (2B, ...) shape is x's own shape: no stacked call to make
             out["euler_stacked"] = ops.flow_euler_step(x0, v_stacked, None, 0.05, 2.0)
         out["euler_split"] = ops.flow_euler_step(x0, v, v2, -0.1, 1.5)
