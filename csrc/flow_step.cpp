@@ -14,8 +14,8 @@ TORCH_LIBRARY_FRAGMENT(tokenflow_ext, m) {
       "flow_interpolate_backward(Tensor? grad_x_t, Tensor? grad_v_target, Tensor t, float sigma_min, "
       "bool x0_needs_grad, bool x1_needs_grad) -> (Tensor, Tensor)");
   // per-sample loss (B,) = mean over each sample of (v_pred - (x1 - (1 - sigma_min) x0))^2, in fp32
-  // (fp64 for fp64 inputs); v_target is recomputed, never stored. x0 None reads as zeros: x1 is then the target
-  // velocity itself (flow.velocity_loss, on the v_target that flow_interpolate stored).
+  // (fp64 for fp64 inputs); with x0 the target is recomputed, never stored. x0 None reads as zeros: x1 is then
+  // the target velocity itself (flow.velocity_loss, on the v_target that flow_interpolate stored).
   m.def("flow_matching_loss(Tensor v_pred, Tensor? x0, Tensor x1, float sigma_min) -> Tensor");
   m.def(
       "flow_matching_loss_backward(Tensor grad_loss, Tensor v_pred, Tensor? x0, Tensor x1, float sigma_min, "

@@ -110,7 +110,7 @@ inline MatchingLossCall begin_flow_matching_loss(const char* op, const at::Tenso
   call.batch = flow_batch_of(op, "v_pred", v_pred);
   const bool has_x0 = x0.has_value() && x0->defined();
   if (has_x0) check_same_shape(op, "x0", *x0, "v_pred", v_pred);
-  check_same_shape(op, "x1", x1, "v_pred", v_pred);
+  check_same_shape(op, has_x0 ? "x1" : "x1 (the target velocity, x0 being None)", x1, "v_pred", v_pred);
   check_sigma_min(op, sigma_min);
   call.v_pred = v_pred.contiguous();
   if (has_x0) call.x0 = x0->contiguous();

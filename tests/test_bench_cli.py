@@ -103,6 +103,10 @@ def test_noisy_flag_and_report_columns():
     table = report.text_table([steady, swinging])
     assert "min 4.90" in table and "NOISY" in table and "speedup range" in table
     assert "1 of 2 rows are NOISY" in report.legend([steady, swinging])
+    assert "sampled in turns." in report.legend([steady])
+    alone = Row(**{**common, "family": "tokenizer train step"}, baseline_ms=10.0, ours_ms=9.0, interleaved=False)
+    assert "(except tokenizer train step: each implementation built, timed and freed in turn" in report.legend(
+        [steady, alone])
 
 
 def test_argument_errors_fail_before_the_run(tmp_path, monkeypatch, capsys):

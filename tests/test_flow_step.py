@@ -154,8 +154,10 @@ def test_velocity_loss_gradients_and_op_checks(device):
     torch.library.opcheck(ops.flow_matching_loss_backward.default, (grad_loss, v, None, tgt, 0.0, False, True))
     with pytest.raises(RuntimeError, match="flow_matching_loss_backward: x0_needs_grad is set but x0 is None"):
         ops.flow_matching_loss_backward(grad_loss, v.detach(), None, tgt.detach(), 0.0, True, False)
-    with pytest.raises(RuntimeError, match="x1 has shape .* but v_pred has shape"):
+    with pytest.raises(RuntimeError, match=r"x1 \(the target velocity, x0 being None\) has shape .* but v_pred has"):
         flow.velocity_loss(v, tgt[:, :3])
+    with pytest.raises(TypeError, match="matching_loss: x0 is None; for a stored target velocity use velocity_loss"):
+        flow.matching_loss(v, None, tgt)
     with pytest.raises(ValueError, match="velocity_loss: reduction must be one of"):
         flow.velocity_loss(v, tgt, reduction="batchmean")
 

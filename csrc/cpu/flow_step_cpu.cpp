@@ -29,19 +29,14 @@ void for_each_sample(const FlowBatch& batch, const Fn& fn) {
 // ---- hot loops over one contiguous span (element-wise maps vectorise in map_span's SIMD clones; the
 // reduction below is a SIMD clone of its own) ----
 
-template <typename scalar_t, typename acc_t>
+// x_t = a x0 + tb x1 and, with two outputs, v_target = x1 - keep x0
+template <int kOut, typename scalar_t, typename acc_t>
 void interpolate_span(const scalar_t* x0, const scalar_t* x1, int64_t n, acc_t a, acc_t tb, acc_t keep,
-                      scalar_t* x_t, scalar_t* v_target) {
-  map_span<scalar_t, acc_t, 2, 2>({x0, x1}, {x_t, v_target}, n, [=](const acc_t (&in)[2], acc_t (&out)[2]) {
-    out[0] = a * in[0] + tb * in[1];
-    out[1] = in[1] - keep * in[0];
+                      std::array<scalar_t*, kOut> out) {
+  map_span<scalar_t, acc_t, 2, kOut>({x0, x1}, out, n, [=](const acc_t (&in)[2], acc_t (&result)[kOut]) {
+    result[0] = a * in[0] + tb * in[1];
+    if constexpr (kOut == 2) result[1] = in[1] - keep * in[0];
   });
-}
-
-template <typename scalar_t, typename acc_t>
-void interpolate_x_t_span(const scalar_t* x0, const scalar_t* x1, int64_t n, acc_t a, acc_t tb, scalar_t* x_t) {
-  map_span<scalar_t, acc_t, 2, 1>({x0, x1}, {x_t}, n,
-                                  [=](const acc_t (&in)[2], acc_t (&out)[1]) { out[0] = a * in[0] + tb * in[1]; });
 }
 
 // out = c_xt g_xt + c_v g_v (either gradient may be absent)
@@ -137,7 +132,7 @@ TFX_CPU_SIMD double squared_residual_span(const scalar_t* v_pred, const scalar_t
 template <bool kWithSource, typename scalar_t, typename acc_t>
 void residual_gradients_span(const scalar_t* v_pred, const scalar_t* x0, const scalar_t* x1, int64_t n, acc_t keep,
                              acc_t g, scalar_t* grad_v_pred, scalar_t* grad_x0, scalar_t* grad_x1) {
-  constexpr size_t kIn = kWithSource ? 3 : 2;
+  constexpr int kIn = kWithSource ? 3 : 2;
   using Inputs = const acc_t (&)[kIn];
   const auto scaled_residual = [=](Inputs in) {
     return g * (in[0] - target_velocity<kWithSource>(in[kIn - 2], in[kIn - 1], keep));
@@ -188,11 +183,11 @@ void interpolate_kernel(const scalar_t* x0, const scalar_t* x1, const acc_t* t, 
   const acc_t keep = acc_t(1) - sigma_min;
   for_each_sample(batch, [&](int64_t b) {
     const int64_t o = b * batch.M;
+    const acc_t a = acc_t(1) - keep * t[b];
     if (v_target == nullptr) {
-      interpolate_x_t_span<scalar_t, acc_t>(x0 + o, x1 + o, batch.M, acc_t(1) - keep * t[b], t[b], x_t + o);
+      interpolate_span<1, scalar_t, acc_t>(x0 + o, x1 + o, batch.M, a, t[b], keep, {x_t + o});
     } else {
-      interpolate_span<scalar_t, acc_t>(x0 + o, x1 + o, batch.M, acc_t(1) - keep * t[b], t[b], keep, x_t + o,
-                                        v_target + o);
+      interpolate_span<2, scalar_t, acc_t>(x0 + o, x1 + o, batch.M, a, t[b], keep, {x_t + o, v_target + o});
     }
   });
 }

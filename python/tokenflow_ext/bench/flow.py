@@ -1,8 +1,9 @@
 """Benchmark cases of the flow_step family (FlowTok training and sampling shapes).
 
-- ``flow train``: interpolate + matching loss, forward and backward (w.r.t. the prediction and x0), against
-  the hand-written eager formula, ``torch.compile`` of it, and flow_matching's ``CondOTProbPath`` +
-  ``mse_loss`` (where installed; its path has sigma_min = 0, so it is checked against ours at 0).
+- ``flow train``: interpolate + the loss on its stored target (``velocity_loss``), forward and backward (w.r.t.
+  the prediction and x0), against the hand-written eager formula, ``torch.compile`` of it, and flow_matching's
+  ``CondOTProbPath`` + ``mse_loss`` (where installed; its path has sigma_min = 0, so it is checked against ours
+  at 0).
 - ``flow step``: one CFG + Euler update with precomputed velocities (no network), stacked ``(2B, ...)`` or
   split layout, out of place and in place, against eager (the diffusers pattern) and ``torch.compile``.
 - ``flow loop``: a guided Euler loop whose velocity function returns precomputed velocities, against the

@@ -144,10 +144,10 @@ def compare_models_one_at_a_time(family: str, shape: str, batch: int, factories:
         gc.collect()
         if device == "cuda":
             torch.cuda.empty_cache()
-    return _model_rows(family, shape, batch, results, timings, device, compare, dtype)
+    return _model_rows(family, shape, batch, results, timings, device, compare, dtype, interleaved=False)
 
 
-def _model_rows(family, shape, batch, results, timings, device, compare, dtype) -> list[Row]:
+def _model_rows(family, shape, batch, results, timings, device, compare, dtype, *, interleaved=True) -> list[Row]:
     spread = {name: summarize([ms for ms, _ in runs]) for name, runs in timings.items()}
     rate = {name: batch / timing.median_ms * 1e3 for name, timing in spread.items()}
     rows = []
@@ -160,6 +160,7 @@ def _model_rows(family, shape, batch, results, timings, device, compare, dtype) 
                         ours_peak=timings[name][0][1],
                         agreement=f"{text}; {rate[name]:.2f} vs {rate['official-eager']:.2f} images/s", ok=ok,
                         extra={"images_per_s": rate[name], "baseline_images_per_s": rate["official-eager"]},
+                        interleaved=interleaved,
                         **timing_fields(spread[name], spread["official-eager"])))
     return rows
 

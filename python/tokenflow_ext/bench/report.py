@@ -48,7 +48,11 @@ def text_table(rows: list[Row]) -> str:
 
 def legend(rows: list[Row]) -> str:
     noisy = sum(row.noisy for row in rows)
-    text = (f"times: median (min; p10-p90) per call over the samples, ours and each baseline sampled in turns. "
+    one_at_a_time = sorted({row.family for row in rows if not row.interleaved})
+    sampling = "ours and each baseline sampled in turns" + (
+        f" (except {', '.join(one_at_a_time)}: each implementation built, timed and freed in turn, as they do "
+        "not fit in memory together)" if one_at_a_time else "")
+    text = (f"times: median (min; p10-p90) per call over the samples, {sampling}. "
             f"speedup = baseline median / ours median (and min / min); speedup range = the lowest and highest "
             f"speedups the p10-p90 ranges allow; NOISY = that range is wider than {NOISY_SPEEDUP_RANGE}x, "
             "so do not trust the row.")

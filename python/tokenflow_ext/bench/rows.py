@@ -18,7 +18,7 @@ NOISY_SPEEDUP_RANGE = 1.5
 class Row:
     """One line of the report: the fused op against one baseline on one case. ``*_ms`` are medians; the
     ``*_min_ms`` and ``*_p10_ms`` / ``*_p90_ms`` fields give the spread of the same samples (ours and the
-    baseline are sampled interleaved)."""
+    baseline are sampled interleaved, unless ``interleaved`` is False: timed one after the other)."""
 
     family: str
     shape: str
@@ -40,6 +40,7 @@ class Row:
     baseline_p10_ms: float | None = None
     baseline_p90_ms: float | None = None
     repeats: int | None = None
+    interleaved: bool = True
 
     @property
     def speedup(self) -> float | None:

@@ -51,6 +51,8 @@ def matching_loss(v_pred: torch.Tensor, x0: torch.Tensor, x1: torch.Tensor, sigm
     """
     if reduction not in REDUCTIONS:
         raise ValueError(f"matching_loss: reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if x0 is None:
+        raise TypeError("matching_loss: x0 is None; for a stored target velocity use velocity_loss(v_pred, v_target)")
     sigma_min = float_arg("tokenflow_ext.flow.matching_loss", "sigma_min", sigma_min)
     return _reduce(_ops.flow_matching_loss.default(v_pred, x0, x1 if x1_grad else x1.detach(), sigma_min), reduction)
 
@@ -127,7 +129,8 @@ def _interpolate_backward_fake(grad_x_t, grad_v_target, t, sigma_min, x0_needs_g
 def _matching_loss_fake(v_pred, x0, x1, sigma_min):
     torch._check(v_pred.dim() >= 1, lambda: "tokenflow_ext.flow_matching_loss: v_pred must be (B, ...)")
     torch._check(v_pred.shape == x1.shape and (x0 is None or x0.shape == x1.shape),
-                 lambda: "tokenflow_ext.flow_matching_loss: v_pred, x0 and x1 must have one shape")
+                 lambda: "tokenflow_ext.flow_matching_loss: v_pred, x0 and x1 (the target velocity when x0 is "
+                         "None) must have one shape")
     return v_pred.new_empty((v_pred.shape[0],), dtype=accumulate_dtype(v_pred.dtype))
 
 
