@@ -1,12 +1,16 @@
-// Run-time SIMD dispatch for CPU kernels: an AVX2 clone and a baseline clone of the marked function, picked
-// by the loader (GCC/Clang target_clones, x86-64 only). Mark a plain function that holds the hot loop
+// Run-time SIMD dispatch for CPU kernels: AVX-512 (x86-64-v4), AVX2 and baseline clones of the marked function,
+// picked by the loader (GCC/Clang target_clones, x86-64 only). Mark a plain function that holds the hot loop
 // (not a lambda: the clones do not reach into lambdas it is called from).
 #pragma once
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(TOKENFLOW_EXT_NO_CLONES)
 #define TFX_CPU_SIMD __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
+// 256-bit vectors at most (AVX2 + FMA + F16C), for memory-bound loops that stream slower with 512-bit ones
+// (see map_span)
+#define TFX_CPU_SIMD_256 __attribute__((target_clones("arch=x86-64-v3", "default")))
 #else
 #define TFX_CPU_SIMD
+#define TFX_CPU_SIMD_256
 #endif
 
 #include <c10/util/BFloat16.h>
