@@ -205,9 +205,9 @@ struct MatchingLossFunction : public torch::autograd::Function<MatchingLossFunct
       if (x0.defined()) grad_x0 = (keep * grad_residual).to(x0.scalar_type());
       grad_x1 = (-grad_residual).to(x1.scalar_type());
     } else {
+      const std::optional<at::Tensor> source = x0.defined() ? std::optional<at::Tensor>(x0) : std::nullopt;
       std::tie(grad_v, grad_x0, grad_x1) =
-          matching_loss_backward_op().call(grads[0], v_pred, x0.defined() ? std::optional<at::Tensor>(x0) : std::nullopt,
-                                           x1, sigma_min, needs_x0, needs_x1);
+          matching_loss_backward_op().call(grads[0], v_pred, source, x1, sigma_min, needs_x0, needs_x1);
     }
     return {needs_v ? grad_v : at::Tensor(), needs_x0 ? grad_x0 : at::Tensor(), needs_x1 ? grad_x1 : at::Tensor(),
             at::Tensor()};

@@ -28,8 +28,8 @@ class FlowMatchingLoss(nn.Module):
     through ``x_t`` and through the (not detached) target, as in FlowTok, both in interpolate's one backward
     pass. The target is stored in the latents' dtype, so with bf16/fp16 latents the loss is taken against the
     rounded target (as FlowTok's eager ``x1 - (1 - sigma_min) * x0`` on such latents);
-    :func:`tokenflow_ext.flow.matching_loss` recomputes it in fp32 instead. ``x1`` gets none unless ``x1_grad=True``: the image
-    latents usually come from a frozen tokenizer. The null-indicator target roll of CFG training belongs
+    :func:`tokenflow_ext.flow.matching_loss` recomputes it in fp32 instead. ``x1`` gets none unless
+    ``x1_grad=True``: the image latents usually come from a frozen tokenizer. The null-indicator target roll of CFG training belongs
     to the data side, not to this module.
     """
 

@@ -292,12 +292,11 @@ def _flow_case(name, shape, *, dtype=torch.float32, seed=2, emulate=True):
         problems += _close("v_target vs reference", v_target.to(dtype), actual["v_target"], dtype)
         if not torch.equal(actual["x_t_no_target"], actual["x_t"]) or actual["v_target_skipped"].numel() != 0:
             problems.append("with_target=False: x_t differs from the with-target call, or v_target is not empty")
+        loss_dtype = torch.float64 if dtype == torch.float64 else torch.float32  # the losses' accumulate dtype
         loss = matching_loss_reference(v, x0, x1, sigma_min, reduction="none")
-        problems += _close("loss vs reference", loss.to(actual["loss"].dtype), actual["loss"],
-                           torch.float64 if dtype == torch.float64 else torch.float32)
-        problems += _close("velocity loss vs reference", velocity_loss_reference(v, x1, "none").to(
-            actual["velocity_loss"].dtype), actual["velocity_loss"], torch.float64 if dtype == torch.float64 else
-            torch.float32)
+        problems += _close("loss vs reference", loss.to(loss_dtype), actual["loss"], loss_dtype)
+        problems += _close("velocity loss vs reference", velocity_loss_reference(v, x1, "none").to(loss_dtype),
+                           actual["velocity_loss"], loss_dtype)
         vs = expected["in_v_stacked"].double()
         problems += _close("euler stacked vs reference",
                            euler_step_reference(x0, vs, dt=0.05, guidance_scale=2.0).to(dtype),
