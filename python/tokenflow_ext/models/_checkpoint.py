@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
+import zipfile
 from typing import Any, Iterable, Mapping
 
 import torch
@@ -51,7 +53,10 @@ def _torch_load(path: str, map_location) -> Any:
 
 
 def _unreadable(path: str, error: BaseException) -> CheckpointError:
-    detail = f"{type(error).__name__}: {error}".rstrip(": ")
+    # torch's own text is long (an UnpicklingError's advice to pass weights_only=False, which would be wrong
+    # here): its first line says what failed
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    detail = f"{type(error).__name__}: {first_line[:300]}".rstrip(": ")
     return CheckpointError(f"{path}: not a readable checkpoint (expected a torch.save file or .safetensors; "
                            f"reading it failed with {detail})")
 
@@ -67,6 +72,24 @@ def check_file(path: str | os.PathLike, what: str = "checkpoint") -> str:
         raise PermissionError(f"{what} {path} is not readable (permission denied)")
     if os.path.getsize(path) == 0:
         raise CheckpointError(f"{what} {path} is empty (0 bytes): an interrupted download or copy?")
+    return path
+
+
+def verify_checksums(path: str | os.PathLike) -> str:
+    """Check every record of a ``torch.save`` file against the CRC-32 its zip container stores for it
+    (``torch.load`` does not: a flipped byte in a tensor loads silently). Raises :class:`CheckpointError` for a
+    mismatch or a truncated file; files that are no zip archive (legacy pickles, safetensors) pass unchecked."""
+    path = os.fspath(path)
+    if not zipfile.is_zipfile(path):
+        return path
+    try:
+        with zipfile.ZipFile(path) as archive:
+            corrupt = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as error:
+        raise _unreadable(path, error) from error
+    if corrupt is not None:
+        raise CheckpointError(f"{path}: corrupt checkpoint: the record {corrupt!r} does not match its stored "
+                              "CRC-32 checksum (a damaged disk, copy or download)")
     return path
 
 
@@ -162,18 +185,59 @@ def write_checkpoint(path: str | os.PathLike, state: Mapping[str, torch.Tensor],
 
     ``extra`` entries (torch files only; e.g. a trainer's ``ema``, optimizer and RNG states) are stored
     beside ``"model"``. The file is written atomically: to a temporary file in the same folder, then
-    renamed over ``path``, so an interrupted write leaves any previous file at ``path`` intact."""
+    renamed over ``path``, so an interrupted write leaves any previous file at ``path`` intact. The file and
+    its folder are flushed to disk (fsync) before and after the rename: after a power cut the name points at
+    the whole new file or at the old one."""
     path = os.fspath(path)
     if extra and path.endswith(".safetensors"):
         raise ValueError("write_checkpoint: extra entries need a torch file, not .safetensors")
-    temporary = f"{path}.tmp-{os.getpid()}"
+    temporary = temporary_name(path)
     try:
         _write(temporary, path, state, metadata, extra)
+        _fsync(temporary)
         os.replace(temporary, path)
+        _fsync(os.path.dirname(path) or ".")
     finally:
         if os.path.exists(temporary):
             os.remove(temporary)
     return path
+
+
+def temporary_name(path: str) -> str:
+    """Where :func:`write_checkpoint` writes before the rename: ``PATH.tmp-PID``."""
+    return f"{path}.tmp-{os.getpid()}"
+
+
+def publish_as(source: str, target: str) -> str:
+    """Make ``target`` a second name of the finished file ``source`` (a hard link; a copy where the file system
+    has none), atomically: ``target`` is the old file or the whole new one, never a partial one."""
+    temporary = temporary_name(target)
+    try:
+        try:
+            os.link(source, temporary)
+        except OSError:
+            shutil.copyfile(source, temporary)
+            _fsync(temporary)
+        os.replace(temporary, target)
+        _fsync(os.path.dirname(target) or ".")
+    finally:
+        if os.path.lexists(temporary):
+            os.remove(temporary)
+    return target
+
+
+def _fsync(path: str) -> None:
+    """Flush a file's or a folder's data to disk (folders: the names in it; skipped where unsupported)."""
+    try:
+        descriptor = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:  # some file systems cannot fsync a folder
+        pass
+    finally:
+        os.close(descriptor)
 
 
 def _write(target: str, path: str, state: Mapping[str, torch.Tensor], metadata: Mapping[str, Any],
