@@ -74,6 +74,9 @@ class DualCodebookQuantizer(nn.Module):
         self.embedding_vqgan = self._make_codebook(codebook_size, pixel_dim)
         if show_usage:
             self.register_buffer("codebook_used", torch.zeros(usage_window))
+            # how many of the window's last slots hold real indices (the rest are the initial zeros); not in
+            # the state dict (official keys): a loaded window counts as full, trainers keep the count
+            self.usage_filled = 0
         if (kmeans_init or ema) and not l2_norm:
             raise ValueError("DualCodebookQuantizer: kmeans_init and ema work on l2-normalised codebooks")
         if not 0.0 <= ema_decay < 1.0:
@@ -167,12 +170,18 @@ class DualCodebookQuantizer(nn.Module):
     def _update_usage(self, indices: torch.Tensor) -> float:
         window = self.codebook_used
         count, length = indices.numel(), window.numel()
+        self.usage_filled = min(length, self.usage_filled + count)
         if count >= length:
             window.copy_(indices[-length:].to(window.dtype))
         elif count > 0:
             window[:-count] = window[count:].clone()
             window[-count:] = indices.to(window.dtype)
         return torch.unique(window).numel() / self.n_e
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if prefix + "codebook_used" in state_dict:
+            self.usage_filled = self.codebook_used.numel()
 
     def get_codebook_entry(self, indices: torch.Tensor, shape=None, channel_first: bool = True) -> torch.Tensor:
         """Rows of both (normalised) codebooks by index: ``(..., Ds + Dp)``; with ``shape = (B, C, H, W)``

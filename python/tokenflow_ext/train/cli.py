@@ -27,7 +27,11 @@ def _common(parser: argparse.ArgumentParser, *, lr: float, ema: float) -> None:
     parser.add_argument("--eval-every", type=int, default=500, help="evaluation period in steps (0: off)")
     parser.add_argument("--eval-data", metavar="DIR", help="held-out folder (default: the first training samples)")
     parser.add_argument("--eval-count", type=int, default=8, help="samples evaluated")
-    parser.add_argument("--ckpt-every", type=int, default=500, help="checkpoint period in steps (0: only at the end)")
+    parser.add_argument("--ckpt-every", type=int, default=500,
+                        help="checkpoint period in steps (0: only at the end); the run's last step, a SIGTERM and a "
+                             "Ctrl-C always write one")
+    parser.add_argument("--keep-last", type=int, default=0, metavar="N",
+                        help="keep only the newest N step_*.pt files (0: keep all; last.pt always stays)")
     parser.add_argument("--resume", metavar="PATH", help="a run folder or checkpoint to continue from")
     parser.add_argument("--device", help="cpu or cuda (default: cuda when visible)")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm bar")
@@ -74,7 +78,7 @@ def _loop_fields(args) -> dict:
                 grad_accum=args.grad_accum, lr=args.lr, max_grad_norm=args.max_grad_norm, precision=args.precision,
                 ema_decay=args.ema_decay, seed=args.seed, num_workers=args.num_workers, log_every=args.log_every,
                 eval_every=args.eval_every, eval_data=args.eval_data, eval_count=args.eval_count,
-                ckpt_every=args.ckpt_every, resume=args.resume, device=args.device, progress=not args.no_progress)
+                ckpt_every=args.ckpt_every, keep_last=args.keep_last, resume=args.resume, device=args.device, progress=not args.no_progress)
 
 
 def _preset(text: str):
@@ -83,12 +87,15 @@ def _preset(text: str):
 
 
 def run(args) -> int:
+    """Exit status: 0 when the run ended (also stopped by SIGTERM or the launcher's exit, with a checkpoint),
+    2 for bad arguments, data or checkpoints, 130 after Ctrl-C."""
     from ..models._checkpoint import StateDictMismatchError  # noqa: PLC0415
     from .data import DataError  # noqa: PLC0415
 
+    trainer = None
     try:
         if args.model == "tokenizer":
-            from .tokenizer import TokenizerTrainConfig, train_tokenizer  # noqa: PLC0415
+            from .tokenizer import TokenizerTrainConfig, TokenizerTrainer  # noqa: PLC0415
 
             config = TokenizerTrainConfig(
                 **_loop_fields(args), config=args.config, init=args.init, teacher=args.teacher,
@@ -99,19 +106,28 @@ def run(args) -> int:
                 gen_loss=args.gen_loss, disc_adaptive_weight=args.disc_adaptive_weight, disc_dim=args.disc_dim,
                 finetune_decoder=args.finetune_decoder, enhanced_decoder=args.enhanced_decoder,
                 random_crop=not args.no_augment, flip=not args.no_augment)
-            last = train_tokenizer(config)
+            trainer = TokenizerTrainer(config)
         else:
-            from .flowtok import FlowTokTrainConfig, train_flowtok  # noqa: PLC0415
+            from .flowtok import FlowTokTrainConfig, FlowTokTrainer  # noqa: PLC0415
 
             config = FlowTokTrainConfig(
                 **_loop_fields(args), preset=_preset(args.preset), flow_kwargs=args.flow_kwargs, init=args.init,
                 flowtitok=args.flowtitok, clip_text=args.clip_text, image_size=args.image_size,
                 weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
                 gradient_checkpointing=not args.no_gradient_checkpointing)
-            last = train_flowtok(config)
+            trainer = FlowTokTrainer(config)
+        last = trainer.run_and_close()
     except (DataError, FileNotFoundError, ValueError, ImportError, StateDictMismatchError) as error:
         print(f"train {args.model}: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # a second Ctrl-C: no checkpoint of the step in flight
+        saved = trainer.saved_step if trainer is not None else 0
+        print(f"train {args.model}: interrupted" + (f"; the last checkpoint is at step {saved}, continue with the "
+                                                    f"same command plus --resume {args.out_dir}" if saved else ""),
+              file=sys.stderr)
+        return 130
+    if trainer.stopped_by == "SIGINT":
+        return 130
     if last and os.environ.get("RANK", "0") == "0":
         print("last: " + ", ".join(f"{k}={v:.4g}" for k, v in last.items() if isinstance(v, (int, float))))
     return 0

@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from ..models._checkpoint import load_checked, read_checkpoint
 from ..models.flowtok import FlowTok
 from .data import CaptionedImageFolder, DataError, FeaturePairs
-from .loop import LoopConfig, ModelEMA, Trainer, autocast, grad_scaler
+from .loop import LoopConfig, ModelEMA, Trainer, autocast, grad_scaler, wrap_ddp
 
 
 @dataclasses.dataclass
@@ -101,8 +101,7 @@ class FlowTokTrainer(Trainer):
         self.scaler = grad_scaler(self.device, self.precision)
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed * 1000 + self.setup.rank)
         if self.setup.distributed:
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            self.model = DDP(_TrainingLoss(model), device_ids=ids)
+            self.model = wrap_ddp(_TrainingLoss(model), self.device)
         else:
             self.model = model
 
@@ -144,9 +143,11 @@ class FlowTokTrainer(Trainer):
         if self.config.max_grad_norm:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.trainable, self.config.max_grad_norm)
+        scale = self.scaler.get_scale()
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        self.scheduler.step()
+        if self.scaler.get_scale() >= scale:  # fp16: a step with inf/NaN gradients lowers the scale, skips Adam
+            self.scheduler.step()
         if self.ema is not None:
             self.ema.update(self.flowtok.nnet)
         return totals

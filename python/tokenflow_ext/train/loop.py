@@ -1,6 +1,12 @@
 """The pieces every trainer shares: one distributed setup, seeding, EMA, mixed precision, one logger, one
-checkpoint writer (``models/_checkpoint.write_checkpoint``, atomic) and the step loop with gradient
-accumulation, resumable data position, periodic evaluation and checkpoints.
+checkpoint writer (``models/_checkpoint.write_checkpoint``, atomic; ``run_checkpoints`` finds and prunes the
+files) and the step loop with gradient accumulation, resumable data position, periodic evaluation and
+checkpoints, a final checkpoint at the end of every run and on SIGTERM / Ctrl-C (``stopping``).
+
+Exact resume: the global RNGs (dropout, noise) are only drawn by the model; the data loader has a generator of
+its own, seeded per rank and epoch, so rebuilding its iterator on resume draws nothing from them. All ranks
+decide together, each step, whether to train, skip (a batch unreadable on some rank) or stop, so their data
+positions never drift apart; every rank's position, skip count and RNG states are in the checkpoint.
 
 A trainer subclasses :class:`Trainer` and fills in ``train_step`` (one optimisation step over a list of
 micro-batches), ``evaluate``, ``model_state`` / ``extra_state`` / ``load_extra_state``.
@@ -17,6 +23,7 @@ import os
 import random
 import sys
 import time
+import warnings
 from contextlib import nullcontext
 from typing import Any
 
@@ -26,8 +33,10 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..models._checkpoint import _torch_load, check_file, write_checkpoint
+from ..models._checkpoint import publish_as, write_checkpoint
+from . import run_checkpoints
 from .data import DataError, ResumableSampler, collate_skipping
+from .stopping import StopRequests
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 
@@ -90,6 +99,15 @@ class DistributedSetup:
         tensor = torch.tensor(int(value), dtype=torch.int64, device=self.device if self.device.type == "cuda" else "cpu")
         dist.all_reduce(tensor)
         return int(tensor)
+
+    def any(self, *flags: bool) -> tuple[bool, ...]:
+        """Each flag OR-ed over the ranks (one collective for all of them): every rank gets the same answer."""
+        if not self.distributed:
+            return tuple(bool(flag) for flag in flags)
+        tensor = torch.tensor([int(bool(flag)) for flag in flags], dtype=torch.int32,
+                              device=self.device if self.device.type == "cuda" else "cpu")
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return tuple(bool(value) for value in tensor.tolist())
 
     def gather(self, value: Any) -> list[Any]:
         """Every rank's ``value`` (a picklable object), in rank order, on every rank."""
@@ -170,6 +188,30 @@ def grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler:
     return torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
 
+def wrap_ddp(module: nn.Module, device: torch.device, **options) -> nn.parallel.DistributedDataParallel:
+    """``DistributedDataParallel`` with the gradients as views of its buckets (no second copy). Parameters
+    with a size-1 dimension (class tokens, probes: ``(1, 1, C)``) can get a gradient that is a slice of a larger
+    one, e.g. ``cat``'s backward with one sample per rank: strides ``(T*C, C, 1)`` where DDP's bucket view has
+    ``(C, C, 1)``. DDP then warns and copies through a slow path; a hook gives those gradients the parameter's
+    own strides first."""
+    for param in module.parameters():
+        if param.requires_grad and 1 in param.shape:
+            param.register_hook(_with_strides_of(param))
+    ids = [device.index] if device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(module, device_ids=ids, gradient_as_bucket_view=True, **options)
+
+
+def _with_strides_of(param: nn.Parameter):
+    strides = param.stride()
+
+    def hook(grad: torch.Tensor) -> torch.Tensor:
+        if grad is None or grad.layout != torch.strided or grad.stride() == strides:
+            return grad
+        return torch.empty_strided(grad.shape, strides, dtype=grad.dtype, device=grad.device).copy_(grad)
+
+    return hook
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
@@ -243,7 +285,8 @@ class LoopConfig:
     num_workers: int = 2
     log_every: int = 10
     eval_every: int = 500
-    ckpt_every: int = 500
+    ckpt_every: int = 500  # 0: only the final checkpoint
+    keep_last: int = 0  # step files kept (0: all); last.pt always
     eval_data: str | None = None
     eval_count: int = 8
     resume: str | None = None
@@ -281,15 +324,17 @@ class Trainer:
                              f"process(es) and {config.grad_accum} accumulation step(s)")
         self.per_rank_batch = per_rank
         self.micro_batch = per_rank // config.grad_accum
+        if config.ckpt_every < 0 or config.keep_last < 0:
+            raise ValueError(f"ckpt_every and keep_last must be >= 0, got {config.ckpt_every} and {config.keep_last}")
         self.seed_rank()
         self.step = 0
         self.epoch = 0
-        self.batch_in_epoch = 0
-        self.skipped = 0
-        if self.setup.is_main:
-            os.makedirs(config.out_dir, exist_ok=True)
-        self.setup.barrier()
-        self.logger = RunLogger(config.out_dir, self.setup.is_main, config.tensorboard)
+        self.batch_in_epoch = 0  # batches this rank consumed (trained on or skipped) in the epoch
+        self.skipped = 0  # this rank's unreadable samples
+        self.loaded = 0  # this rank's samples consumed, readable or not
+        self.saved_step = 0  # the step of the newest checkpoint (written or resumed from)
+        self.stopped_by: str | None = None  # why run() stopped before config.steps (a signal, the launcher)
+        self.logger: RunLogger | None = None  # made by run(): a run rejected while building leaves no folder
 
     def seed_rank(self) -> None:
         """Seed every global RNG with ``seed * 1000 + rank``: deterministic, different per rank. Trainers call
@@ -330,21 +375,24 @@ class Trainer:
                             f"{self.config.batch_size}")
         self.sampler = ResumableSampler(dataset, self.setup.world_size, self.setup.rank, shuffle=True,
                                         seed=self.config.seed, drop_last=True)
+        # The loader's own generator: making an iterator draws its workers' base seed from it, never from the
+        # global RNG that dropout and noise draw from (a resumed run rebuilds the iterator mid-epoch).
+        self.loader_generator = torch.Generator()
         return DataLoader(dataset, batch_size=self.per_rank_batch, sampler=self.sampler,
                           num_workers=self.config.num_workers, collate_fn=collate_skipping, drop_last=True,
-                          pin_memory=self.device.type == "cuda")
+                          pin_memory=self.device.type == "cuda", generator=self.loader_generator)
 
     def _batches(self, dataset):
+        """Yields ``(batch or None, unreadable samples in it)`` from the current data position, epoch after
+        epoch. The caller counts a batch as consumed (``batch_in_epoch``) once all ranks agreed to use it."""
         loader = self.make_loader(dataset)
         while True:
             self.sampler.set_epoch(self.epoch)
             if hasattr(dataset, "set_epoch"):
                 dataset.set_epoch(self.epoch)
             self.sampler.start = self.batch_in_epoch * self.per_rank_batch
-            for batch, skipped in loader:
-                self.batch_in_epoch += 1
-                self.skipped += skipped
-                yield batch
+            self.loader_generator.manual_seed(self.config.seed * 1000 + self.setup.rank + 7919 * self.epoch)
+            yield from loader
             self.epoch += 1
             self.batch_in_epoch = 0
 
@@ -362,48 +410,59 @@ class Trainer:
 
     # -------------------------------------------------------------------- checkpoints
     def checkpoint_path(self, step: int | None = None) -> str:
-        folder = os.path.join(self.config.out_dir, "checkpoints")
-        return os.path.join(folder, "last.pt" if step is None else f"step_{step:07d}.pt")
+        folder = run_checkpoints.checkpoint_folder(self.config.out_dir)
+        return os.path.join(folder, run_checkpoints.LAST) if step is None else run_checkpoints.step_file(folder, step)
+
+    def _rank_state(self) -> dict[str, Any]:
+        return {"rng": rng_state(), "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+                "skipped": self.skipped, "loaded": self.loaded, **self.per_rank_state()}
 
     def save_checkpoint(self) -> str | None:
-        """Rank 0 writes ``checkpoints/step_NNNNNNN.pt`` and ``checkpoints/last.pt`` (each atomically)."""
+        """Rank 0 writes ``checkpoints/step_NNNNNNN.pt`` (atomically) and makes ``checkpoints/last.pt`` a second
+        name of it; with ``keep_last`` only the newest step files stay. A collective: every rank calls it."""
         path = None
-        ranks = self.setup.gather({"rng": rng_state(), **self.per_rank_state()})  # collective: every rank
+        ranks = self.setup.gather(self._rank_state())  # collective: every rank
         if self.setup.is_main:
-            os.makedirs(os.path.dirname(self.checkpoint_path()), exist_ok=True)
+            folder = run_checkpoints.checkpoint_folder(self.config.out_dir)
+            os.makedirs(folder, exist_ok=True)
             extra = {"trainer": self.name, "step": self.step, "epoch": self.epoch,
-                     "batch_in_epoch": self.batch_in_epoch, "skipped": self.skipped, "ranks": ranks,
-                     "world_size": self.setup.world_size, **self.extra_state()}
+                     "batch_in_epoch": self.batch_in_epoch, "skipped": sum(rank["skipped"] for rank in ranks),
+                     "ranks": ranks, "world_size": self.setup.world_size, **self.extra_state()}
             path = write_checkpoint(self.checkpoint_path(self.step), self.model_state(), self.metadata(), extra)
-            write_checkpoint(self.checkpoint_path(), self.model_state(), self.metadata(), extra)
+            publish_as(path, self.checkpoint_path())
+            run_checkpoints.prune_step_files(folder, self.config.keep_last)
+        self.saved_step = self.step
         self.setup.barrier()
         return path
 
-    def resume_from(self, path: str) -> None:
-        """Restore everything :meth:`save_checkpoint` wrote, each rank taking its own RNG states back.
-        Exact continuation needs the same number of processes; with another number the run goes on from
-        the same step and data position with freshly seeded per-rank RNGs (and a warning)."""
-        if os.path.isdir(path):
-            path = os.path.join(path, "checkpoints", "last.pt") if os.path.isdir(os.path.join(path, "checkpoints")) \
-                else os.path.join(path, "last.pt")
-        check_file(path, "--resume checkpoint")
-        state = _torch_load(path, "cpu")
+    def resume_from(self, path: str) -> str:
+        """Restore everything :meth:`save_checkpoint` wrote from the newest checkpoint of ``path`` that loads
+        (:func:`run_checkpoints.load_for_resume`), each rank taking its own RNG states, data position and skip
+        count back. Exact continuation needs the same number of processes; with another number the run goes on
+        from the same step and data position with freshly seeded per-rank RNGs (and a warning). Returns the
+        file used."""
+        state, path = run_checkpoints.load_for_resume(path)
         if state.get("trainer") != self.name:
             raise ValueError(f"--resume {path}: a {state.get('trainer')!r} checkpoint, not a {self.name!r} one")
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
-        self.skipped = state.get("skipped", 0)
+        self.saved_step = self.step
         self.load_extra_state(state)
+        ranks = state["ranks"]
         if self.setup.world_size == state.get("world_size", 1):
-            own = state["ranks"][self.setup.rank]
+            own = ranks[self.setup.rank]
             set_rng_state(own["rng"])
             self.load_per_rank_state(own)
+            # files of older versions hold only rank 0's count
+            self.skipped = own.get("skipped", state.get("skipped", 0) if self.setup.is_main else 0)
+            self.loaded = own.get("loaded", 0)
         else:
-            import warnings  # noqa: PLC0415
-
             warnings.warn(f"--resume: the checkpoint was written by {state.get('world_size')} process(es), this run "
                           f"has {self.setup.world_size}: the data position is kept, the random streams restart",
                           RuntimeWarning, stacklevel=2)
             seed_everything(self.config.seed * 1000 + self.setup.rank + 7919 * self.step)
+            self.skipped = state.get("skipped", 0) if self.setup.is_main else 0  # the run's total, counted once
+            self.loaded = sum(rank.get("loaded", 0) for rank in ranks) if self.setup.is_main else 0
+        return path
 
     # -------------------------------------------------------------------- run
     def run_and_close(self) -> dict[str, float]:
@@ -413,10 +472,37 @@ class Trainer:
         finally:
             self.setup.close()
 
+    def _prepare_out_dir(self) -> None:
+        folder = run_checkpoints.checkpoint_folder(self.config.out_dir)
+        if self.setup.is_main:
+            os.makedirs(self.config.out_dir, exist_ok=True)
+            for path in run_checkpoints.remove_stale_temporaries(folder):
+                print(f"train {self.name}: removed {path}, left by an interrupted checkpoint write", file=sys.stderr)
+        self.setup.barrier()
+        if self.logger is None:
+            self.logger = RunLogger(self.config.out_dir, self.setup.is_main, self.config.tensorboard)
+
+    def _say(self, text: str) -> None:
+        if self.setup.is_main:
+            print(f"train {self.name}: {text}", file=sys.stderr, flush=True)
+
     def run(self) -> dict[str, float]:
+        """Train to ``config.steps``; returns the last logged row. The run always ends with a checkpoint of
+        its last step (whatever ``ckpt_every``), also when SIGTERM, Ctrl-C or the launcher's death stops it
+        early (``stopped_by`` says which); a second Ctrl-C stops at once."""
         config = self.config
         if config.resume:
-            self.resume_from(config.resume)
+            used = self.resume_from(config.resume)
+            if self.step >= config.steps:
+                self._say(f"{used} is at step {self.step}, not below --steps {config.steps}: nothing to train "
+                          "(raise --steps to continue)")
+                return {}
+        self._prepare_out_dir()
+        with StopRequests() as stops:
+            return self._loop(stops)
+
+    def _loop(self, stops: StopRequests) -> dict[str, float]:
+        config = self.config
         batches = self._batches(self.dataset)
         last: dict[str, float] = {}
         from tqdm.auto import tqdm  # noqa: PLC0415
@@ -424,11 +510,26 @@ class Trainer:
         bar = tqdm(total=config.steps, initial=self.step, desc=f"train {self.name}", unit="step",
                    disable=not (config.progress and self.setup.is_main), file=sys.stderr)
         window_start, window_steps = time.perf_counter(), 0
+        skipped_in_a_row, warned_rate = 0, False
         try:
             while self.step < config.steps:
-                batch = next(batches)
-                if batch is None:  # every sample of this batch was unreadable
+                stop = stops.poll()  # before fetching: a Ctrl-C also ends the loader's worker processes
+                batch, skipped = (None, 0) if stop else next(batches)
+                unreadable, stop = self.setup.any(batch is None and not stop, stop)
+                if stop:
+                    self.stopped_by = stops.reason or "another rank's stop"
+                    break
+                self.batch_in_epoch += 1
+                self.skipped += skipped
+                self.loaded += self.per_rank_batch
+                if unreadable:  # every rank skips this step together: the data positions stay in step
+                    skipped_in_a_row += 1
+                    if skipped_in_a_row >= self.sampler.num_samples // self.per_rank_batch:
+                        raise DataError(f"{config.data}: no usable batch in a whole epoch ({skipped_in_a_row} "
+                                        f"batches in a row had every sample unreadable on some process); "
+                                        "see the warnings above for the files")
                     continue
+                skipped_in_a_row = 0
                 row = self.train_step(self.split(batch))
                 self.step += 1
                 window_steps += 1
@@ -439,6 +540,7 @@ class Trainer:
                     row["steps_per_s"] = window_steps / elapsed if elapsed > 0 else 0.0
                     row["skipped"] = self.setup.total(self.skipped)
                     row["lr"] = self.current_lr()
+                    warned_rate = self._warn_skip_rate(row["skipped"], self.setup.total(self.loaded), warned_rate)
                     self.logger.log(self.step, row)
                     bar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k in ("loss", "rec_loss", "flow")})
                     window_start, window_steps, last = time.perf_counter(), 0, row
@@ -447,12 +549,30 @@ class Trainer:
                     if evaluation:
                         self.logger.log(self.step, evaluation, kind="eval")
                         last = {**last, **{f"eval_{k}": v for k, v in evaluation.items()}}
-                if config.ckpt_every and (self.step % config.ckpt_every == 0 or self.step == config.steps):
+                if config.ckpt_every and self.step % config.ckpt_every == 0:
                     self.save_checkpoint()
+            if self.step > self.saved_step:  # the final checkpoint, whatever ckpt_every
+                self.save_checkpoint()
         finally:
             bar.close()
             self.logger.close()
+        if self.stopped_by is not None:
+            saved = f"checkpoint {self.checkpoint_path()} (step {self.step})" if self.step else "no step done, no checkpoint"
+            self._say(f"stopped by {self.stopped_by}; {saved}. Continue with the same command plus "
+                      f"--resume {self.config.out_dir}")
         return last
+
+    SKIP_WARNING_RATE = 0.1
+
+    def _warn_skip_rate(self, skipped: int, loaded: int, warned: bool) -> bool:
+        """One loud warning (rank 0) once more than ``SKIP_WARNING_RATE`` of the samples loaded so far were
+        unreadable; returns whether it has been given."""
+        if warned or not loaded or skipped <= self.SKIP_WARNING_RATE * loaded:
+            return warned
+        if self.setup.is_main:
+            warnings.warn(f"train {self.name}: {skipped} of {loaded} samples ({100 * skipped / loaded:.1f}%) were "
+                          f"unreadable and skipped so far; check {self.config.data}", RuntimeWarning, stacklevel=2)
+        return True
 
     def current_lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"]) if hasattr(self, "optimizer") else 0.0

@@ -39,11 +39,15 @@ def ssim(reference: torch.Tensor, reconstruction: torch.Tensor, window: int = 11
     return value.flatten(1).mean(1)
 
 
-def codebook_stats(window: torch.Tensor, codebook_size: int) -> dict[str, float]:
-    """From the quantizer's usage window (``codebook_used``: the most recent indices): ``codes_used``
-    (distinct codes), ``usage`` (fraction of the codebook) and ``perplexity`` (``exp`` of the entropy of the
-    code frequencies). Never-filled slots (zeros at start) count as code 0, as officially."""
-    counts = torch.bincount(window.long().flatten(), minlength=codebook_size).double()
+def codebook_stats(window: torch.Tensor, codebook_size: int, filled: int | None = None) -> dict[str, float]:
+    """From the quantizer's usage window (``codebook_used``: the most recent indices, newest last):
+    ``codes_used`` (distinct codes), ``usage`` (fraction of the codebook) and ``perplexity`` (``exp`` of the
+    entropy of the code frequencies), over the ``filled`` newest slots only (the quantizer's
+    ``usage_filled``; ``None``: the whole window). Never-filled slots hold zeros that are no code choices."""
+    window = window.flatten()
+    if filled is not None:
+        window = window[window.numel() - min(filled, window.numel()):]
+    counts = torch.bincount(window.long(), minlength=codebook_size).double()
     probabilities = counts / counts.sum().clamp_min(1)
     nonzero = probabilities[probabilities > 0]
     entropy = float(-(nonzero * nonzero.log()).sum())

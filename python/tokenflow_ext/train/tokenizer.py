@@ -31,7 +31,7 @@ from . import metrics
 from .data import ImageFolder, list_files, IMAGE_EXTENSIONS
 from .losses import (D_LOSSES, G_LOSSES, LPIPS, PatchGANDiscriminator, SemanticTeacher, adaptive_weight,
                      adopt_weight, semantic_loss)
-from .loop import LoopConfig, ModelEMA, Trainer, autocast, grad_scaler, unwrap
+from .loop import LoopConfig, ModelEMA, Trainer, autocast, grad_scaler, unwrap, wrap_ddp
 
 TEACHER_HELP = ("the frozen semantic teacher: a torch file with the teacher tower's state dict in the tokenizer's "
                 "naming (clip: OpenAI CLIP ViT-B/16's `visual.*` keys without the `visual.` prefix, including `proj`; "
@@ -178,10 +178,9 @@ class TokenizerTrainer(Trainer):
         self.scaler_disc = grad_scaler(self.device, self.precision)
         pair = _DiscriminatorPair(discriminator)
         if self.setup.distributed:
-            ids = [self.device.index] if self.device.type == "cuda" else None
             # without a teacher the semantic decoder gets no gradient: DDP must be told to look for that
-            self.model = DDP(model, device_ids=ids, find_unused_parameters=self.teacher is None)
-            self.disc_pair = DDP(pair, device_ids=ids)
+            self.model = wrap_ddp(model, self.device, find_unused_parameters=self.teacher is None)
+            self.disc_pair = wrap_ddp(pair, self.device)
         else:
             self.model, self.disc_pair = model, pair
         self.eval_files = (list_files(config.eval_data, IMAGE_EXTENSIONS) if config.eval_data
@@ -309,7 +308,7 @@ class TokenizerTrainer(Trainer):
             row["ema_psnr"] = float(metrics.psnr(images, self.reconstruct(images, self.ema.module)).mean())
         quantize = self.tokenizer.quantize
         if hasattr(quantize, "codebook_used"):
-            row.update(metrics.codebook_stats(quantize.codebook_used, quantize.n_e))
+            row.update(metrics.codebook_stats(quantize.codebook_used, quantize.n_e, quantize.usage_filled))
         folder = os.path.join(self.config.out_dir, "samples")
         os.makedirs(folder, exist_ok=True)
         metrics.save_grid(os.path.join(folder, f"step_{self.step:07d}.png"), images[:8], reconstruction[:8])
@@ -327,6 +326,7 @@ class TokenizerTrainer(Trainer):
                  "optimizer_disc": self.optimizer_disc.state_dict(), "scaler": self.scaler.state_dict(),
                  "scaler_disc": self.scaler_disc.state_dict(),
                  "scale_drop_rng": self.tokenizer.residual_quantizer.rng.getstate(),
+                 "usage_filled": getattr(self.tokenizer.quantize, "usage_filled", 0),
                  "args": json.dumps(dataclasses.asdict(self.config), default=str)}
         if self.ema is not None:
             extra["ema"] = {k: v.detach().cpu() for k, v in self.ema.module.state_dict().items()}
@@ -340,6 +340,8 @@ class TokenizerTrainer(Trainer):
         if state["scaler"]:  # empty when the scaler is off (not fp16)
             self.scaler.load_state_dict(state["scaler"])
             self.scaler_disc.load_state_dict(state["scaler_disc"])
+        if hasattr(self.tokenizer.quantize, "usage_filled") and "usage_filled" in state:
+            self.tokenizer.quantize.usage_filled = state["usage_filled"]
         version, internal, gauss = state["scale_drop_rng"]
         self.tokenizer.residual_quantizer.rng.setstate((version, tuple(internal), gauss))
         if self.ema is not None:
