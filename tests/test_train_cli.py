@@ -118,3 +118,64 @@ def test_a_teacher_file_that_does_not_fit_is_an_error(photos, tiny_files, tmp_pa
             "--perceptual-weight", "0", "--teacher", str(tmp_path / "wrong.pt"), "--no-progress", "--steps", "1"]
     assert main(args) == 2
     assert "teacher" in capsys.readouterr().err
+
+
+def test_tiny_trial_presets_train_and_load_without_guesswork(photos, tmp_path, capsys):
+    out = tmp_path / "tok"
+    assert main(["train", "tokenizer", "--config", "tiny", "--data", photos, "--out", str(out), "--steps", "1",
+                 "--batch-size", "2", "--semantic-weight", "0", "--perceptual-weight", "0", "--num-workers", "0",
+                 "--eval-every", "0", "--no-progress"]) == 0
+    assert "1 intra-op thread(s) per process" in capsys.readouterr().err  # a small model: one thread
+    model = TokenFlowTokenizer.from_pretrained(out / "checkpoints" / "last.pt")
+    assert (model.config.name, model.config.image_size, model.config.codebook_size) == ("tiny", 64, 1024)
+    pairs = tmp_path / "pairs"
+    for sub in ("latents", "text"):
+        (pairs / sub).mkdir(parents=True)
+    import numpy as np
+
+    for index in range(2):  # the tiny FlowTok reads real 768-wide CLIP features
+        np.save(pairs / "latents" / f"{index}.npy", np.random.default_rng(index).standard_normal((77, 16), np.float32))
+        np.save(pairs / "text" / f"{index}.npy", np.random.default_rng(9 + index).standard_normal((77, 768), np.float32))
+    out = tmp_path / "flow"
+    assert main(["train", "flowtok", "--preset", "tiny", "--data", str(pairs), "--out", str(out), "--steps", "1",
+                 "--batch-size", "2", "--num-workers", "0", "--eval-every", "0", "--no-progress"]) == 0
+    state = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
+    args = json.loads(state["args"])
+    assert (args["preset"], args["warmup_steps"], args["ema_decay"]) == ([2, 64, 2], 100, 0.99)
+    assert json.loads(state["tokenflow_ext"]["flow_kwargs"]) == {"text_layers": 1, "text_heads": 2, "text_hidden": 64}
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"image_size": 32,', "not valid JSON (line 1, column"),
+    ('{"image_sise": 32}', "unknown field(s) ['image_sise']"),
+    ('[1, 2]', "expected a JSON object"),
+])
+def test_config_file_errors_name_the_file(photos, tmp_path, capsys, content, message):
+    path = tmp_path / "mine.json"
+    path.write_text(content)
+    assert main(["train", "tokenizer", "--config", str(path), "--data", photos, "--out", str(tmp_path / "run"),
+                 "--semantic-weight", "0", "--perceptual-weight", "0", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"--config {path}" in err and message in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()  # a rejected run leaves no folder
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--flow-kwargs", "{text_layers: 1}"], "--flow-kwargs: not valid JSON"),
+    (["--flow-kwargs", '{"text_layer": 1}'], "unknown field(s) ['text_layer']"),
+    (["--step", "3"], "unrecognized arguments: --step"),  # no abbreviations of --steps
+])
+def test_flag_errors(tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "flowtok", "--data", str(tmp_path), "--out", str(tmp_path / "run"), *argv])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_missing_pillow_is_one_clear_error(photos, tmp_path, capsys, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "PIL", None)  # import PIL now raises ImportError
+    monkeypatch.setitem(sys.modules, "PIL.Image", None)
+    assert main(["train", "tokenizer", "--config", "tiny", "--data", photos, "--out", str(tmp_path / "run"),
+                 "--semantic-weight", "0", "--perceptual-weight", "0", "--no-progress"]) == 2
+    assert "reading images needs Pillow" in capsys.readouterr().err

@@ -132,8 +132,21 @@ def info(_args) -> int:
     return 0
 
 
+DESCRIPTION = ("tokenflow_ext: fused C++/CUDA kernels and models for the TokenFlow and FlowTok image tokenizers. "
+               "Also installed as the tokenflow-ext console script; each command has its own --help.")
+
+
+class StrictParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` that takes no abbreviations (``--step`` is not ``--steps``); its subcommands are
+    made of the same class."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tokenflow_ext", description=__doc__)
+    parser = StrictParser(prog="python -m tokenflow_ext", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True)
     b = sub.add_parser("bench", help="fused ops vs eager PyTorch, torch.compile and installed peers")
     size = b.add_mutually_exclusive_group()

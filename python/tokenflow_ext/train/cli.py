@@ -4,7 +4,6 @@ tokenflow_ext train ...``): parse the flags into a trainer config and run it."""
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -20,9 +19,14 @@ def _common(parser: argparse.ArgumentParser, *, lr: float, ema: float) -> None:
     parser.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0: off)")
     parser.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
                         help="autocast dtype (auto: bf16 on CUDA, fp32 on the CPU)")
-    parser.add_argument("--ema-decay", type=float, default=ema, help=f"EMA of the weights (0: off; default {ema})")
+    parser.add_argument("--ema-decay", type=float, default=None,
+                        help=f"EMA of the weights (0: off; default {ema}, or the trial preset's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-workers", type=int, default=2, help="data-loader worker processes per rank")
+    parser.add_argument("--threads", type=int, default=0, metavar="N",
+                        help="torch intra-op threads per process on the CPU (default 0: 1 for models under 20M "
+                             "parameters, whose ops gain nothing from more and stall on a busy machine; else the "
+                             "cores divided among the processes of this machine)")
     parser.add_argument("--log-every", type=int, default=10)
     parser.add_argument("--eval-every", type=int, default=500, help="evaluation period in steps (0: off)")
     parser.add_argument("--eval-data", metavar="DIR", help="held-out folder (default: the first training samples)")
@@ -37,11 +41,23 @@ def _common(parser: argparse.ArgumentParser, *, lr: float, ema: float) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no tqdm bar")
 
 
+def _flow_kwargs(text: str) -> dict:
+    from . import presets  # noqa: PLC0415
+
+    try:
+        fields = presets.parse_json_object(text, "--flow-kwargs")
+        presets.check_fields(fields, presets.flow_transformer_options(), "--flow-kwargs")
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return fields
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="model", required=True)
     t = sub.add_parser("tokenizer", help="train or fine-tune a TokenFlow tokenizer")
     t.add_argument("--config", default="clipb_256",
-                   help="clipb_224, clipb_256, siglip_384 or a .json of TokenFlowConfig fields (\"base\": a name)")
+                   help="clipb_224, clipb_256, siglip_384, tiny (a 64 px trial size for the CPU, not official) or a "
+                        ".json of TokenFlowConfig fields (\"base\": a name)")
     t.add_argument("--init", metavar="PATH", help="tokenizer weights to start from (official .pt or save_pretrained)")
     t.add_argument("--teacher", metavar="PATH", help="frozen semantic teacher weights (see the README)")
     t.add_argument("--vgg-weights", metavar="PATH", help="torchvision vgg16-397923af.pth (for LPIPS)")
@@ -61,14 +77,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     t.add_argument("--no-augment", action="store_true", help="centre crops, no flips")
     _common(t, lr=1e-4, ema=0.0)
     f = sub.add_parser("flowtok", help="train FlowTok's flow transformer")
-    f.add_argument("--preset", default="XL", help="S, B, L, XL, H, or depth,width,heads")
-    f.add_argument("--flow-kwargs", type=json.loads, default={}, help="JSON of FlowTransformer options")
+    f.add_argument("--preset", default="XL",
+                   help="S, B, L, XL, H (official), tiny (a trial size for the CPU: 2 blocks of width 64, warm-up "
+                        "100, EMA 0.99 unless given), or depth,width,heads")
+    f.add_argument("--flow-kwargs", type=_flow_kwargs, default={}, metavar="JSON",
+                   help="JSON object of FlowTransformer options, e.g. '{\"text_layers\": 1}'")
     f.add_argument("--init", metavar="PATH", help="flow-transformer weights to start from")
     f.add_argument("--flowtitok", metavar="PATH", help="FlowTiTok weights (needed for image folders)")
     f.add_argument("--clip-text", metavar="PATH", help="CLIP text-encoder weights (for captions / token ids)")
     f.add_argument("--image-size", type=int, default=256)
     f.add_argument("--weight-decay", type=float, default=0.03)
-    f.add_argument("--warmup-steps", type=int, default=5000)
+    f.add_argument("--warmup-steps", type=int, default=None,
+                   help="linear warm-up steps (default 5000, the official value, or the trial preset's)")
     f.add_argument("--no-gradient-checkpointing", action="store_true")
     _common(f, lr=4e-4, ema=0.9999)
 
@@ -76,14 +96,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _loop_fields(args) -> dict:
     return dict(data=args.data, out_dir=args.out_dir, steps=args.steps, batch_size=args.batch_size,
                 grad_accum=args.grad_accum, lr=args.lr, max_grad_norm=args.max_grad_norm, precision=args.precision,
-                ema_decay=args.ema_decay, seed=args.seed, num_workers=args.num_workers, log_every=args.log_every,
+                seed=args.seed, num_workers=args.num_workers, threads=args.threads, log_every=args.log_every,
                 eval_every=args.eval_every, eval_data=args.eval_data, eval_count=args.eval_count,
                 ckpt_every=args.ckpt_every, keep_last=args.keep_last, resume=args.resume, device=args.device, progress=not args.no_progress)
 
 
 def _preset(text: str):
     """``"XL"`` or ``"depth,width,heads"``."""
-    return tuple(int(part) for part in text.split(",")) if "," in text else text
+    if "," not in text:
+        return text
+    try:
+        depth, width, heads = (int(part) for part in text.split(","))
+    except ValueError:
+        raise ValueError(f"--preset {text!r}: expected a name or depth,width,heads (three integers)") from None
+    return depth, width, heads
+
+
+def _flowtok_fields(args) -> dict:
+    """Preset, flow options and schedule of a FlowTok run: a trial preset fills what the flags leave open."""
+    from .presets import FLOWTOK_TRIAL_PRESETS  # noqa: PLC0415
+
+    trial = FLOWTOK_TRIAL_PRESETS.get(args.preset, {})
+    return dict(preset=trial.get("preset", _preset(args.preset)),
+                flow_kwargs={**trial.get("flow_kwargs", {}), **args.flow_kwargs},
+                warmup_steps=args.warmup_steps if args.warmup_steps is not None else trial.get("warmup_steps", 5000),
+                ema_decay=args.ema_decay if args.ema_decay is not None else trial.get("ema_decay", 0.9999))
 
 
 def run(args) -> int:
@@ -98,8 +135,8 @@ def run(args) -> int:
             from .tokenizer import TokenizerTrainConfig, TokenizerTrainer  # noqa: PLC0415
 
             config = TokenizerTrainConfig(
-                **_loop_fields(args), config=args.config, init=args.init, teacher=args.teacher,
-                vgg_weights=args.vgg_weights, lpips_weights=args.lpips_weights,
+                **_loop_fields(args), ema_decay=args.ema_decay or 0.0, config=args.config, init=args.init,
+                teacher=args.teacher, vgg_weights=args.vgg_weights, lpips_weights=args.lpips_weights,
                 reconstruction_loss=args.reconstruction_loss, reconstruction_weight=args.reconstruction_weight,
                 perceptual_weight=args.perceptual_weight, semantic_weight=args.semantic_weight,
                 disc_weight=args.disc_weight, disc_start=args.disc_start, disc_loss=args.disc_loss,
@@ -111,9 +148,8 @@ def run(args) -> int:
             from .flowtok import FlowTokTrainConfig, FlowTokTrainer  # noqa: PLC0415
 
             config = FlowTokTrainConfig(
-                **_loop_fields(args), preset=_preset(args.preset), flow_kwargs=args.flow_kwargs, init=args.init,
-                flowtitok=args.flowtitok, clip_text=args.clip_text, image_size=args.image_size,
-                weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
+                **_loop_fields(args), **_flowtok_fields(args), init=args.init, flowtitok=args.flowtitok,
+                clip_text=args.clip_text, image_size=args.image_size, weight_decay=args.weight_decay,
                 gradient_checkpointing=not args.no_gradient_checkpointing)
             trainer = FlowTokTrainer(config)
         last = trainer.run_and_close()

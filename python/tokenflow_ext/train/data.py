@@ -76,6 +76,15 @@ class _Epoched(Dataset):
         self.epoch = epoch
 
 
+def require_pillow() -> None:
+    """Reading images needs Pillow (a dependency of the package; an environment may still lack it)."""
+    try:
+        import PIL.Image  # noqa: F401, PLC0415
+    except ImportError:
+        raise DataError("reading images needs Pillow, which is not installed in this environment: "
+                        "pip install pillow") from None
+
+
 class ImageFolder(_Epoched):
     """Images under ``root`` (recursive, common formats, any mode converted to RGB) as ``(3, size, size)``
     tensors in [-1, 1]. ``random_crop`` / ``flip`` are the training augmentation; off gives a centre crop.
@@ -84,6 +93,7 @@ class ImageFolder(_Epoched):
     def __init__(self, root, size: int, *, random_crop: bool = False, flip: bool = False, seed: int = 0,
                  files: Sequence[str] | None = None):
         super().__init__(seed)
+        require_pillow()
         self.root, self.size, self.random_crop, self.flip = os.fspath(root), size, random_crop, flip
         self.files = list(files) if files is not None else list_files(root, IMAGE_EXTENSIONS)
 

@@ -25,9 +25,10 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ..models._checkpoint import StateDictMismatchError, load_checked, read_checkpoint
-from ..models.tokenflow.config import CLIP_MEAN, CLIP_STD, SIGLIP_MEAN, SIGLIP_STD, TokenFlowConfig, resolve_config
+from ..models.tokenflow.config import (CLIP_MEAN, CLIP_STD, CONFIGS, SIGLIP_MEAN, SIGLIP_STD, TokenFlowConfig,
+                                       resolve_config)
 from ..models.tokenflow.tokenizer import ScalingLayer, TokenFlowTokenizer
-from . import metrics
+from . import metrics, presets
 from .data import ImageFolder, list_files, IMAGE_EXTENSIONS
 from .losses import (D_LOSSES, G_LOSSES, LPIPS, PatchGANDiscriminator, SemanticTeacher, adaptive_weight,
                      adopt_weight, semantic_loss)
@@ -71,14 +72,24 @@ class TokenizerTrainConfig(LoopConfig):
 
 
 def load_tokenizer_config(name_or_path: str, **overrides) -> TokenFlowConfig:
-    """A named config, or a JSON file of :class:`TokenFlowConfig` fields (``"base"`` names a config to start from)."""
+    """A named config (an official one, or a trial size of ``presets.TOKENIZER_TRIAL_CONFIGS`` such as ``tiny``),
+    or a JSON file of :class:`TokenFlowConfig` fields (``"base"`` names a config to start from). Malformed JSON
+    and unknown fields are errors naming the file."""
     if name_or_path.endswith(".json"):
-        if not os.path.isfile(name_or_path):
-            raise FileNotFoundError(f"--config {name_or_path}: file not found")
-        with open(name_or_path) as handle:
-            fields = json.load(handle)
+        fields = presets.read_json_object(name_or_path, "--config")
         base = fields.pop("base", "clipb_256")
-        return resolve_config(base, **{**fields, **overrides})
+        presets.check_fields(fields, presets.tokenizer_config_fields(), f"--config {name_or_path}")
+        if base in presets.TOKENIZER_TRIAL_CONFIGS:
+            fields = {**presets.TOKENIZER_TRIAL_CONFIGS[base], **fields}
+            base = "clipb_256"
+        name = os.path.splitext(os.path.basename(name_or_path))[0]
+        return resolve_config(base, **{"name": name, **fields, **overrides})
+    if name_or_path in presets.TOKENIZER_TRIAL_CONFIGS:
+        return resolve_config("clipb_256", **{**presets.TOKENIZER_TRIAL_CONFIGS[name_or_path], "name": name_or_path,
+                                              **overrides})
+    if name_or_path not in CONFIGS:
+        raise ValueError(f"--config: unknown config {name_or_path!r}; choose from "
+                         f"{sorted(CONFIGS) + sorted(presets.TOKENIZER_TRIAL_CONFIGS)} or give a .json file")
     return resolve_config(name_or_path, **overrides)
 
 
