@@ -1,0 +1,92 @@
+"""Loading by Hub name from a cache built here in the real Hub layout (``models--org--repo/refs/main``,
+``snapshots/<commit>/...``), offline: the id resolves to the cached file, ``revision=`` picks its snapshot, a
+missing file is a clear error, and a local path always wins."""
+
+import os
+
+import pytest
+
+from tokenflow_ext import hub
+
+pytest.importorskip("huggingface_hub")
+
+MAIN, OLD = "a" * 40, "b" * 40
+
+
+def make_cache(root, repo="ByteFlow-AI/TokenFlow", files=None):
+    """A Hub cache holding ``files`` ({name: bytes}) at commit MAIN (refs/main) and an older copy at OLD."""
+    folder = root / ("models--" + repo.replace("/", "--"))
+    (folder / "refs").mkdir(parents=True)
+    (folder / "refs" / "main").write_text(MAIN)
+    for commit, tag in ((MAIN, b"main"), (OLD, b"old")):
+        for name, data in (files or {}).items():
+            path = folder / "snapshots" / commit / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(tag + data)
+    return root
+
+
+@pytest.fixture
+def offline_cache(tmp_path, monkeypatch):
+    cache = make_cache(tmp_path / "hub", files={"tokenflow_siglip_32k.pt": b"weights", "sub/x.bin": b"x"})
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    return cache
+
+
+def test_ids_resolve_to_the_cached_snapshot(offline_cache):
+    by_filename = hub.resolve_file("ByteFlow-AI/TokenFlow", filename="tokenflow_siglip_32k.pt")
+    by_path = hub.resolve_file("ByteFlow-AI/TokenFlow/tokenflow_siglip_32k.pt")
+    assert by_filename == by_path and open(by_path, "rb").read() == b"mainweights"
+    assert MAIN in by_path and str(offline_cache) in by_path
+    assert open(hub.resolve_file("ByteFlow-AI/TokenFlow/sub/x.bin"), "rb").read() == b"mainx"
+
+
+def test_revision_picks_its_snapshot(offline_cache):
+    old = hub.resolve_file("ByteFlow-AI/TokenFlow", filename="tokenflow_siglip_32k.pt", revision=OLD)
+    assert open(old, "rb").read() == b"oldweights"
+
+
+def test_offline_and_not_cached_is_a_clear_error(offline_cache):
+    with pytest.raises(hub.HubError) as error:
+        hub.resolve_file("ByteFlow-AI/TokenFlow", filename="tokenflow_clipb_32k_enhanced.pt")
+    message = str(error.value)
+    assert "ByteFlow-AI/TokenFlow" in message and "tokenflow_clipb_32k_enhanced.pt" in message
+    assert str(offline_cache) in message and "HF_HUB_OFFLINE" in message
+    with pytest.raises(ValueError, match="say which file .* tokenflow_clipb_32k_enhanced.pt"):
+        hub.resolve_file("ByteFlow-AI/TokenFlow")
+
+
+def test_cache_dir_argument_and_hf_home(tmp_path, monkeypatch):
+    cache = make_cache(tmp_path / "elsewhere", repo="org/model", files={"w.pt": b"!"})
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    assert open(hub.resolve_file("org/model/w.pt", cache_dir=cache), "rb").read() == b"main!"
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "home"))
+    make_cache(tmp_path / "home" / "hub", repo="org/model", files={"w.pt": b"?"})
+    assert open(hub.resolve_file("org/model/w.pt"), "rb").read() == b"main?"
+
+
+def test_a_local_path_always_wins(tmp_path, monkeypatch, offline_cache):
+    monkeypatch.chdir(tmp_path)
+    local = tmp_path / "ByteFlow-AI" / "TokenFlow"
+    local.mkdir(parents=True)
+    (local / "tokenflow_siglip_32k.pt").write_bytes(b"local")
+    assert hub.resolve_file("ByteFlow-AI/TokenFlow/tokenflow_siglip_32k.pt") == \
+        "ByteFlow-AI/TokenFlow/tokenflow_siglip_32k.pt"
+    assert hub.resolve_file("ByteFlow-AI/TokenFlow", filename="tokenflow_siglip_32k.pt") == \
+        os.path.join("ByteFlow-AI/TokenFlow", "tokenflow_siglip_32k.pt")
+    assert hub.resolve_file("./model.pt") == "./model.pt"  # reads as a path, not an id
+
+
+def test_whole_repository_snapshots(offline_cache):
+    folder = hub.resolve_folder("ByteFlow-AI/TokenFlow")
+    assert sorted(os.listdir(folder)) == ["sub", "tokenflow_siglip_32k.pt"]
+    with pytest.raises(hub.HubError, match="org/absent"):
+        hub.resolve_folder("org/absent")
+
+
+def test_official_files_table():
+    assert hub.official_settings("ByteFlow-AI/TokenFlow", "tokenflow_clipb_32k_enhanced.pt") == \
+        ("TokenFlowTokenizer", {"config": "clipb_256", "enhanced_decoder": True})
+    assert hub.official_settings("ByteFlow-AI/TokenFlow", "unknown.pt") is None
