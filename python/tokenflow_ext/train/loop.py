@@ -53,6 +53,7 @@ class DistributedSetup:
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
     owns_group: bool = False
+    control_group: Any = None  # gloo group for per-step host flags under NCCL (no device sync per step)
 
     @property
     def is_main(self) -> bool:
@@ -77,9 +78,12 @@ class DistributedSetup:
             dist.init_process_group("nccl" if target.type == "cuda" else "gloo",
                                     timeout=datetime.timedelta(minutes=30))
             owns = True
+        control = None
         if dist.is_available() and dist.is_initialized():
             rank, world = dist.get_rank(), dist.get_world_size()
-        return cls(rank, world, local_rank, target, owns)
+            if world > 1 and dist.get_backend() != "gloo":
+                control = dist.new_group(backend="gloo")  # collective: every rank creates it
+        return cls(rank, world, local_rank, target, owns, control)
 
     def barrier(self) -> None:
         if self.distributed:
@@ -101,12 +105,12 @@ class DistributedSetup:
         return int(tensor)
 
     def any(self, *flags: bool) -> tuple[bool, ...]:
-        """Each flag OR-ed over the ranks (one collective for all of them): every rank gets the same answer."""
+        """Each flag OR-ed over the ranks (one collective for all of them): every rank gets the same answer.
+        Host flags travel over gloo (``control_group`` under NCCL), so asking costs no device synchronisation."""
         if not self.distributed:
             return tuple(bool(flag) for flag in flags)
-        tensor = torch.tensor([int(bool(flag)) for flag in flags], dtype=torch.int32,
-                              device=self.device if self.device.type == "cuda" else "cpu")
-        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        tensor = torch.tensor([int(bool(flag)) for flag in flags], dtype=torch.int32)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=self.control_group)
         return tuple(bool(value) for value in tensor.tolist())
 
     def gather(self, value: Any) -> list[Any]:
