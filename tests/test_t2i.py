@@ -390,3 +390,66 @@ def test_checkpoint_error_paths(tmp_path):
         T2IConfig(scales=(2, 4))
     with pytest.raises(ValueError, match="mlp2x_gelu"):
         T2IConfig.from_hf_config({"mm_projector_type": "linear"})
+
+
+# The config.* fields official t2i training sets before trainer.save_model, with the t2i recipe's values
+# (TF:t2i/llava_t2i/train/train.py train(), TF:t2i/llava_t2i/model/llava_arch.py initialize_vision_modules,
+# TF:t2i/scripts/train_t2i.sh). The official loader (run_llava_samples.py) passes mm_vision_tower= to
+# LlavaLlamaForCausalLM.from_pretrained: transformers applies that keyword to the config only when config.json
+# already has the key, else hands it to the model's __init__, which raises TypeError.
+OFFICIAL_TRAINING_FIELDS = {
+    "mm_vision_tower": "../pretrained_ckpts/tokenflow_clipb_32k_enhanced.pt", "mm_vision_vq_type": "TOKEN_FLOW",
+    "use_mm_proj": True, "mm_projector_type": "mlp2x_gelu", "mm_vision_select_layer": -1,
+    "mm_vision_select_feature": "patch", "mm_patch_merge_type": "flat", "mm_use_im_start_end": False,
+    "mm_use_im_patch_token": False, "mm_use_vq_token": True, "tune_mm_mlp_adapter": False,
+    "tune_mm_mlp_adapter_and_logits": False, "freeze_mm_mlp_adapter": False, "image_aspect_ratio": "pad",
+    "tokenizer_padding_side": "right", "use_cache": False, "output_hidden_states": True,
+    "model_type": "llava_llama", "architectures": ["LlavaLlamaForCausalLM"],
+}
+
+
+def test_saved_config_json_has_the_official_training_fields(tmp_path):
+    pytest.importorskip("safetensors")
+    model = tiny_model(torch.float32)
+    folder = model.save_pretrained(tmp_path / "saved")
+    saved = json.loads((tmp_path / "saved" / "config.json").read_text())
+    expected = dict(OFFICIAL_TRAINING_FIELDS, mm_hidden_size=40, vq_codebook_size=K, vocab_size=28,
+                    tokenizer_model_max_length=CONFIGS["tiny"].tokenizer_model_max_length, torch_dtype="float32")
+    missing = sorted(set(expected) - set(saved))
+    assert not missing, f"config.json lacks {missing}"
+    for key, value in expected.items():
+        assert saved[key] == value, key
+
+    # our loader reads the folder back (the official fields are kept, not needed) and re-saves the tower path
+    loaded = TokenFlowT2I.from_pretrained(folder, codebook=model.codebook)
+    assert loaded.config == model.config
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    assert loaded.mm_vision_tower == OFFICIAL_TRAINING_FIELDS["mm_vision_tower"]
+    custom = model.save_pretrained(tmp_path / "custom", vision_tower="/ckpt/tokenflow_clipb_32k_enhanced.pt")
+    again = TokenFlowT2I.from_pretrained(custom).save_pretrained(tmp_path / "again")
+    assert json.loads((tmp_path / "again" / "config.json").read_text())["mm_vision_tower"] == \
+        "/ckpt/tokenflow_clipb_32k_enhanced.pt"
+    half = TokenFlowT2I.from_pretrained(folder, dtype=torch.bfloat16).save_pretrained(tmp_path / "half")
+    assert json.loads((tmp_path / "half" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+
+    # an official config.json (no tokenflow_ext section) with these fields, and an old one without them, load
+    tiny = CONFIGS["tiny"]
+    for name, drop in (("official", ["tokenflow_ext"]), ("old", ["tokenflow_ext", *OFFICIAL_TRAINING_FIELDS])):
+        hf = {key: value for key, value in saved.items() if key not in drop or key in ("model_type", "architectures")}
+        if name == "official":  # run_llava_samples.py turns the enum into str(VQType.TOKEN_FLOW) before any re-save
+            hf["mm_vision_vq_type"] = "VQType.TOKEN_FLOW"
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps(hf))
+        save_file_from(model, tmp_path / name)
+        other = TokenFlowT2I.from_pretrained(tmp_path / name, scales=tiny.scales, image_token_start=START,
+                                             pad_token_id=PAD, max_text_tokens=tiny.max_text_tokens)
+        assert dataclasses.replace(other.config, name="tiny") == tiny, name
+    hf["mm_vision_vq_type"] = "CLIP"  # a multimodal-understanding (CLIP tower) folder is not a TokenFlow t2i model
+    with pytest.raises(ValueError, match="mm_vision_vq_type"):
+        T2IConfig.from_hf_config(hf)
+
+
+def save_file_from(model, folder):
+    from safetensors.torch import save_file
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))

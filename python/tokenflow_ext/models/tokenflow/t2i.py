@@ -40,6 +40,32 @@ OFFICIAL_NEGATIVE_PROMPT = ("lowres, bad anatomy, bad hands, text, error, missin
                             "fewer digits, cropped, worst quality, low quality, normal quality, jpeg artifacts, "
                             "signature, watermark, username, blurry.")
 CLIPB_256_SCALES = (1, 2, 4, 6, 8, 10, 12, 14, 16)
+# The vision tower path of the official t2i recipe (TF:t2i/scripts/train_t2i.sh --vision_tower). The official
+# loader (TF:t2i/llava_t2i/eval/run_llava_samples.py) replaces it with its --tokenizer-path.
+OFFICIAL_VISION_TOWER = "../pretrained_ckpts/tokenflow_clipb_32k_enhanced.pt"
+# The ``model.config.*`` fields official t2i training sets before ``trainer.save_model`` that do not depend on the
+# model's sizes, with the recipe's values (TF:t2i/llava_t2i/train/train.py ``train``, TF:t2i/llava_t2i/model/
+# llava_arch.py ``initialize_vision_modules``, TF:t2i/scripts/train_t2i.sh). ``mm_vision_tower`` must be in
+# config.json: the official loader passes ``mm_vision_tower=`` to ``from_pretrained``, which transformers applies
+# to the config only for a key the config already has (else the model's ``__init__`` gets it: TypeError).
+OFFICIAL_TRAINING_FIELDS: dict[str, Any] = {
+    "mm_vision_vq_type": "TOKEN_FLOW",          # --mm_vision_vq_type TOKEN_FLOW (stored as VQType.name)
+    "use_mm_proj": True,
+    "mm_projector_type": "mlp2x_gelu",          # --mm_projector_type mlp2x_gelu
+    "mm_vision_select_layer": -1,               # ModelArguments defaults
+    "mm_vision_select_feature": "patch",
+    "mm_patch_merge_type": "flat",
+    "mm_use_im_start_end": False,               # --mm_use_im_start_end False
+    "mm_use_im_patch_token": False,             # --mm_use_im_patch_token False
+    "mm_use_vq_token": True,                    # --mm_use_vq_token True
+    "tune_mm_mlp_adapter": False,               # ModelArguments / TrainingArguments defaults
+    "tune_mm_mlp_adapter_and_logits": False,
+    "freeze_mm_mlp_adapter": False,
+    "image_aspect_ratio": "pad",                # --image_aspect_ratio pad
+    "tokenizer_padding_side": "right",          # the text tokenizer is loaded with padding_side="right"
+    "use_cache": False,
+    "output_hidden_states": True,               # ModelArguments.output_hidden_states
+}
 
 
 @dataclass(frozen=True)
@@ -98,16 +124,19 @@ class T2IConfig:
         return LlamaShape(self.hidden_size, self.intermediate_size, self.num_hidden_layers, self.num_attention_heads,
                           self.num_key_value_heads, self.rms_norm_eps, self.rope_theta)
 
-    def to_hf_config(self) -> dict[str, Any]:
-        """A ``config.json`` dict in the official ``llava_llama`` form, with this config under ``"tokenflow_ext"``."""
+    def to_hf_config(self, vision_tower: str | None = None) -> dict[str, Any]:
+        """A ``config.json`` dict in the official ``llava_llama`` form, with this config under ``"tokenflow_ext"``:
+        the Llama sizes plus every field official t2i training writes (:data:`OFFICIAL_TRAINING_FIELDS`,
+        ``mm_hidden_size``, ``vq_codebook_size``, ``tokenizer_model_max_length`` and ``mm_vision_tower``:
+        ``vision_tower``, default :data:`OFFICIAL_VISION_TOWER`), so the official loader reads the folder."""
         return {"architectures": ["LlavaLlamaForCausalLM"], "model_type": "llava_llama", "hidden_act": "silu",
                 "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
                 "intermediate_size": self.intermediate_size, "num_hidden_layers": self.num_hidden_layers,
                 "num_attention_heads": self.num_attention_heads, "num_key_value_heads": self.num_key_value_heads,
                 "rms_norm_eps": self.rms_norm_eps, "rope_theta": self.rope_theta, "rope_scaling": None,
                 "attention_bias": False, "mlp_bias": False, "max_position_embeddings": self.max_position_embeddings,
-                "mm_hidden_size": self.code_dim, "mm_projector_type": "mlp2x_gelu",
-                "vq_codebook_size": self.image_vocab_size, "mm_use_vq_token": True,
+                "mm_vision_tower": OFFICIAL_VISION_TOWER if vision_tower is None else str(vision_tower),
+                "mm_hidden_size": self.code_dim, "vq_codebook_size": self.image_vocab_size, **OFFICIAL_TRAINING_FIELDS,
                 "tokenizer_model_max_length": self.tokenizer_model_max_length, "pad_token_id": self.pad_token_id,
                 "bos_token_id": self.bos_token_id, "tokenflow_ext": dataclasses.asdict(self)}
 
@@ -115,7 +144,12 @@ class T2IConfig:
     def from_hf_config(cls, hf: dict[str, Any], **overrides) -> "T2IConfig":
         """Read a ``config.json`` dict. Our own files carry the full config under ``"tokenflow_ext"``; official
         ones give the Llama sizes, ``mm_hidden_size``, ``vq_codebook_size`` and ``tokenizer_model_max_length``
-        (the image id range and the scales come from the tokenizer, so the 7B defaults are kept)."""
+        (the image id range and the scales come from the tokenizer, so the 7B defaults are kept). The other
+        official training fields (``mm_vision_tower``, ``use_cache``, ...) are not needed and are ignored."""
+        vq_type = str(hf.get("mm_vision_vq_type", "TOKEN_FLOW")).removeprefix("VQType.")
+        if vq_type != "TOKEN_FLOW":  # run_llava_samples.py rewrites it as str(VQType.TOKEN_FLOW)
+            raise ValueError(f"TokenFlowT2I: mm_vision_vq_type must be TOKEN_FLOW (a TokenFlow text-to-image model), "
+                             f"got {hf['mm_vision_vq_type']!r}")
         if "tokenflow_ext" in hf:
             fields = dict(hf["tokenflow_ext"])
         else:
@@ -282,6 +316,7 @@ class TokenFlowT2I(nn.Module):
         self.model = T2IBackbone(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.gradient_checkpointing = False
+        self.mm_vision_tower: str | None = None  # the config.json tower path to keep on save (see save_pretrained)
         self.__dict__["image_tokenizer"] = image_tokenizer
         self.__dict__["codebook"] = codebook
         self.reset_parameters()
@@ -684,12 +719,16 @@ class TokenFlowT2I(nn.Module):
         buffers, when present, must agree with the config and are dropped. Returned in eval mode."""
         path = os.fspath(path)
         folder = path if os.path.isdir(path) else os.path.dirname(path)
+        vision_tower = None
         if config is None:
             config_file = os.path.join(folder, "config.json")
             if not os.path.isfile(config_file):
                 raise FileNotFoundError(f"TokenFlowT2I.from_pretrained: no config.json in {folder!r}; pass config=")
             with open(config_file) as handle:
-                config = T2IConfig.from_hf_config(json.load(handle), **overrides)
+                hf = json.load(handle)
+            config = T2IConfig.from_hf_config(hf, **overrides)
+            if isinstance(hf.get("mm_vision_tower"), str):
+                vision_tower = hf["mm_vision_tower"]
         else:
             config = resolve_config(config, **overrides)
         state = _read_weights(path, map_location)
@@ -709,16 +748,26 @@ class TokenFlowT2I(nn.Module):
             load_checked(model, state, strict=False)
         model.__dict__["image_tokenizer"] = image_tokenizer
         model.__dict__["codebook"] = codebook
+        model.mm_vision_tower = vision_tower
         if dtype is not None:
             model = model.to(dtype)
         return model.eval()
 
-    def save_pretrained(self, folder: str | os.PathLike, *, safe_serialization: bool = True) -> str:
-        """Write ``config.json`` and the weights (``model.safetensors``, or ``pytorch_model.bin``) to ``folder``."""
+    def save_pretrained(self, folder: str | os.PathLike, *, safe_serialization: bool = True,
+                        vision_tower: str | os.PathLike | None = None) -> str:
+        """Write ``config.json`` and the weights (``model.safetensors``, or ``pytorch_model.bin``) to ``folder``.
+
+        ``config.json`` holds every field official training writes (:meth:`T2IConfig.to_hf_config`) and
+        ``torch_dtype`` (the weights' dtype), so the official ``LlavaLlamaForCausalLM.from_pretrained(folder,
+        mm_vision_tower=...)`` reads the folder too. ``mm_vision_tower``: ``vision_tower``, else the one of the
+        ``config.json`` this model was loaded from, else the official recipe's :data:`OFFICIAL_VISION_TOWER`."""
         folder = os.fspath(folder)
         os.makedirs(folder, exist_ok=True)
+        tower = os.fspath(vision_tower) if vision_tower is not None else self.mm_vision_tower
+        hf = self.config.to_hf_config(vision_tower=tower)
+        hf["torch_dtype"] = str(self.lm_head.weight.dtype).removeprefix("torch.")
         with open(os.path.join(folder, "config.json"), "w") as handle:
-            json.dump(self.config.to_hf_config(), handle, indent=2)
+            json.dump(hf, handle, indent=2)
         tensors = {key: value.detach().contiguous().cpu() for key, value in self.state_dict().items()}
         if safe_serialization:
             from safetensors.torch import save_file
@@ -764,6 +813,6 @@ def _read_weights(path: str, map_location: Any) -> dict[str, torch.Tensor]:
     return state
 
 
-__all__ = ["CONFIGS", "IGNORE_INDEX", "OFFICIAL_NEGATIVE_PROMPT", "StateDictMismatchError", "T2IConfig",
-           "T2IGeneration", "T2IOutput", "TokenFlowT2I", "images_to_uint8", "refinement_lists", "resolve_sampler",
-           "sample_scale"]
+__all__ = ["CONFIGS", "IGNORE_INDEX", "OFFICIAL_NEGATIVE_PROMPT", "OFFICIAL_TRAINING_FIELDS", "OFFICIAL_VISION_TOWER",
+           "StateDictMismatchError", "T2IConfig", "T2IGeneration", "T2IOutput", "TokenFlowT2I", "images_to_uint8",
+           "refinement_lists", "resolve_sampler", "sample_scale"]
