@@ -453,3 +453,27 @@ def test_saved_config_json_has_the_official_training_fields(tmp_path):
 def save_file_from(model, folder):
     from safetensors.torch import save_file
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
+
+
+def test_sharded_save_and_hub_id_load(tmp_path, monkeypatch):
+    """A folder above the shard limit is written as shards plus the standard index; the same folder, placed in
+    a Hub cache built here in the real layout, loads offline by its Hub id with the same tensors."""
+    import shutil
+
+    model = tiny_model(dtype=torch.float32)
+    folder = model.save_pretrained(tmp_path / "sharded", max_shard_bytes=20_000)
+    names = sorted(os.listdir(folder))
+    shards = [n for n in names if n.startswith("model-") and n.endswith(".safetensors")]
+    assert "model.safetensors.index.json" in names and len(shards) > 1 and "model.safetensors" not in names
+    index = json.load(open(os.path.join(folder, "model.safetensors.index.json")))
+    assert set(index["weight_map"]) == set(model.state_dict()) and set(index["weight_map"].values()) == set(shards)
+    by_path = TokenFlowT2I.from_pretrained(folder)
+    snapshot = tmp_path / "hub" / "models--org--t2i" / "snapshots" / ("c" * 40)
+    shutil.copytree(folder, snapshot)
+    (tmp_path / "hub" / "models--org--t2i" / "refs").mkdir()
+    (tmp_path / "hub" / "models--org--t2i" / "refs" / "main").write_text("c" * 40)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    by_id = TokenFlowT2I.from_pretrained("org/t2i", cache_dir=tmp_path / "hub")
+    for key, value in by_path.state_dict().items():
+        assert torch.equal(value, by_id.state_dict()[key]), key
+        assert torch.equal(value, model.state_dict()[key].to(value.dtype)), key

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import _folder
 from .._checkpoint import StateDictMismatchError, load_checked
 from .generation import (REFINEMENT_PRESETS, guidance_ramp, guided_logits, image_vocabulary_logits, input_level_ids,
                          progressive_inputs, sample_logits, scale_of_position)
@@ -708,16 +709,22 @@ class TokenFlowT2I(nn.Module):
     def from_pretrained(cls, path: str | os.PathLike, config: str | T2IConfig | None = None, *, strict: bool = True,
                         dtype: torch.dtype | None = None, map_location: Any = "cpu",
                         image_tokenizer: nn.Module | None = None, codebook: torch.Tensor | None = None,
-                        **overrides) -> "TokenFlowT2I":
-        """Load a local Hugging Face-style folder (``config.json`` + ``*.safetensors`` shards, or ``*.bin``
-        shards / ``pytorch_model.bin``) or a single weights file.
+                        revision: str | None = None, cache_dir: str | os.PathLike | None = None,
+                        local_files_only: bool | None = None, **overrides) -> "TokenFlowT2I":
+        """Load a Hugging Face-style folder (``config.json`` + ``*.safetensors`` shards, with or without
+        ``model.safetensors.index.json``, or ``*.bin`` shards / ``pytorch_model.bin``) or a single weights file.
+        A Hub id (``"ByteFlow-AI/TokenFlow-t2i"``) is fetched into the Hub cache first (``revision``,
+        ``cache_dir``, ``local_files_only`` / ``HF_HUB_OFFLINE``; see :mod:`tokenflow_ext.hub`); a local path wins.
 
         The config comes from ``config`` (a name or :class:`T2IConfig`), else from the folder's ``config.json``;
         ``overrides`` replace fields. Strict by default: a :class:`StateDictMismatchError` lists missing,
         unexpected and wrongly shaped keys (wrong shapes raise even when not strict). The model is built on the
         meta device and takes the file's tensors. The official ``image_token_start`` / ``image_token_end``
         buffers, when present, must agree with the config and are dropped. Returned in eval mode."""
-        path = os.fspath(path)
+        from ... import hub  # noqa: PLC0415
+
+        path = hub.resolve_folder(path, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only,
+                                  allow_patterns=["*.json", "*.safetensors", "*.bin", "*.model", "*.txt"])
         folder = path if os.path.isdir(path) else os.path.dirname(path)
         vision_tower = None
         if config is None:
@@ -754,8 +761,11 @@ class TokenFlowT2I(nn.Module):
         return model.eval()
 
     def save_pretrained(self, folder: str | os.PathLike, *, safe_serialization: bool = True,
-                        vision_tower: str | os.PathLike | None = None) -> str:
-        """Write ``config.json`` and the weights (``model.safetensors``, or ``pytorch_model.bin``) to ``folder``.
+                        vision_tower: str | os.PathLike | None = None,
+                        max_shard_bytes: int = _folder.DEFAULT_SHARD_BYTES) -> str:
+        """Write ``config.json`` and the weights to ``folder``: ``model.safetensors``, or above
+        ``max_shard_bytes`` (5 GiB) safetensors shards with the standard ``model.safetensors.index.json``
+        (:mod:`tokenflow_ext.models._folder`); ``pytorch_model.bin`` without ``safe_serialization``.
 
         ``config.json`` holds every field official training writes (:meth:`T2IConfig.to_hf_config`) and
         ``torch_dtype`` (the weights' dtype), so the official ``LlavaLlamaForCausalLM.from_pretrained(folder,
@@ -766,14 +776,11 @@ class TokenFlowT2I(nn.Module):
         tower = os.fspath(vision_tower) if vision_tower is not None else self.mm_vision_tower
         hf = self.config.to_hf_config(vision_tower=tower)
         hf["torch_dtype"] = str(self.lm_head.weight.dtype).removeprefix("torch.")
-        with open(os.path.join(folder, "config.json"), "w") as handle:
-            json.dump(hf, handle, indent=2)
-        tensors = {key: value.detach().contiguous().cpu() for key, value in self.state_dict().items()}
         if safe_serialization:
-            from safetensors.torch import save_file
-            save_file(tensors, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
-        else:
-            torch.save(tensors, os.path.join(folder, "pytorch_model.bin"))
+            return _folder.save_folder(folder, self.state_dict(), hf, max_shard_bytes=max_shard_bytes)
+        _folder.write_json(os.path.join(folder, _folder.CONFIG), hf)
+        tensors = {key: value.detach().contiguous().cpu() for key, value in self.state_dict().items()}
+        torch.save(tensors, os.path.join(folder, "pytorch_model.bin"))
         return folder
 
 
@@ -785,6 +792,8 @@ def images_to_uint8(images: torch.Tensor) -> torch.Tensor:
 
 def _read_weights(path: str, map_location: Any) -> dict[str, torch.Tensor]:
     """All tensors of a HF folder (every ``*.safetensors`` file, else every ``*.bin`` file) or of one file."""
+    if _folder.is_model_folder(path) and os.path.exists(os.path.join(path, _folder.INDEX)):
+        return _folder.load_folder(path, device=str(map_location))[0]  # exactly the indexed shards
     if os.path.isdir(path):
         names = sorted(os.listdir(path))
         files = [n for n in names if n.endswith(".safetensors")] or [n for n in names if n.endswith(".bin")]
