@@ -1,6 +1,8 @@
 """Command line: ``python -m tokenflow_ext bench`` (the main job), ``python -m tokenflow_ext tokenize IMAGE...
 --checkpoint PATH`` (TokenFlow indices and reconstructions), ``python -m tokenflow_ext train {tokenizer,flowtok}``
-(training, also under ``torchrun``), ``python -m tokenflow_ext generate PROMPT...`` (TokenFlow text-to-image),
+(training, also under ``torchrun``), ``python -m tokenflow_ext eval {reconstruction,generation}`` (PSNR, SSIM,
+LPIPS, rFID, codebook usage; FID and CLIP score), ``python -m tokenflow_ext generate PROMPT...`` (TokenFlow
+text-to-image),
 ``python -m tokenflow_ext verify-gpu`` (on a GPU
 machine: tests, CUDA parity cases and benchmarks in one command) and ``python -m tokenflow_ext info``.
 
@@ -190,6 +192,11 @@ def main(argv=None) -> int:
 
     train_cli.add_arguments(tr)
     tr.set_defaults(func=train_cli.run)
+    e = sub.add_parser("eval", help="score a tokenizer on a folder: PSNR, SSIM, LPIPS, rFID, codebook usage")
+    from .eval import cli as eval_cli  # noqa: PLC0415
+
+    eval_cli.add_arguments(e)
+    e.set_defaults(func=eval_cli.run)
     g = sub.add_parser("generate", help="TokenFlow text-to-image: prompts -> PNGs")
     from .models.tokenflow import t2i_cli  # noqa: PLC0415
 
