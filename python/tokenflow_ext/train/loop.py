@@ -338,6 +338,7 @@ class Trainer:
         self.skipped = 0  # this rank's unreadable samples
         self.loaded = 0  # this rank's samples consumed, readable or not
         self.saved_step = 0  # the step of the newest checkpoint (written or resumed from)
+        self.saved_here = False  # whether this run wrote a checkpoint into its own out_dir
         self.stopped_by: str | None = None  # why run() stopped before config.steps (a signal, the launcher)
         self.logger: RunLogger | None = None  # made by run(): a run rejected while building leaves no folder
 
@@ -436,7 +437,7 @@ class Trainer:
             path = write_checkpoint(self.checkpoint_path(self.step), self.model_state(), self.metadata(), extra)
             publish_as(path, self.checkpoint_path())
             run_checkpoints.prune_step_files(folder, self.config.keep_last)
-        self.saved_step = self.step
+        self.saved_step, self.saved_here = self.step, True
         self.setup.barrier()
         return path
 
@@ -557,7 +558,9 @@ class Trainer:
                         last = {**last, **{f"eval_{k}": v for k, v in evaluation.items()}}
                 if config.ckpt_every and self.step % config.ckpt_every == 0:
                     self.save_checkpoint()
-            if self.step > self.saved_step:  # the final checkpoint, whatever ckpt_every
+            # the final checkpoint, whatever ckpt_every (also of a resumed state stopped before its first step,
+            # when it was resumed from another folder: the printed --resume folder must hold it)
+            if self.step > self.saved_step or (self.step > 0 and not self.saved_here):
                 self.save_checkpoint()
         finally:
             bar.close()
