@@ -13,7 +13,7 @@ import json
 import os
 import shutil
 import zipfile
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 from torch import nn
@@ -191,39 +191,39 @@ def write_checkpoint(path: str | os.PathLike, state: Mapping[str, torch.Tensor],
     path = os.fspath(path)
     if extra and path.endswith(".safetensors"):
         raise ValueError("write_checkpoint: extra entries need a torch file, not .safetensors")
+    return write_atomically(path, lambda temporary: _write(temporary, path, state, metadata, extra))
+
+
+def temporary_name(path: str) -> str:
+    """Where :func:`write_atomically` writes before the rename: ``PATH.tmp-PID``."""
+    return f"{path}.tmp-{os.getpid()}"
+
+
+def write_atomically(path: str, write: Callable[[str], Any]) -> str:
+    """``write(temporary)`` a file, flush it to disk, rename it over ``path`` and flush the folder: ``path`` is
+    the old file or the whole new one, never a partial one; a failed write leaves no temporary behind."""
     temporary = temporary_name(path)
     try:
-        _write(temporary, path, state, metadata, extra)
+        write(temporary)
         _fsync(temporary)
         os.replace(temporary, path)
         _fsync(os.path.dirname(path) or ".")
     finally:
-        if os.path.exists(temporary):
+        if os.path.lexists(temporary):
             os.remove(temporary)
     return path
 
 
-def temporary_name(path: str) -> str:
-    """Where :func:`write_checkpoint` writes before the rename: ``PATH.tmp-PID``."""
-    return f"{path}.tmp-{os.getpid()}"
-
-
 def publish_as(source: str, target: str) -> str:
     """Make ``target`` a second name of the finished file ``source`` (a hard link; a copy where the file system
-    has none), atomically: ``target`` is the old file or the whole new one, never a partial one."""
-    temporary = temporary_name(target)
-    try:
+    has none), atomically (:func:`write_atomically`)."""
+    def link_or_copy(temporary: str) -> None:
         try:
             os.link(source, temporary)
         except OSError:
             shutil.copyfile(source, temporary)
-            _fsync(temporary)
-        os.replace(temporary, target)
-        _fsync(os.path.dirname(target) or ".")
-    finally:
-        if os.path.lexists(temporary):
-            os.remove(temporary)
-    return target
+
+    return write_atomically(target, link_or_copy)
 
 
 def _fsync(path: str) -> None:

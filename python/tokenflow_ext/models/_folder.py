@@ -14,7 +14,7 @@ from typing import Any, Mapping
 
 import torch
 
-from ._checkpoint import CheckpointError, _fsync
+from ._checkpoint import CheckpointError, _fsync, write_atomically
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -30,23 +30,12 @@ def _safetensors():
     return load_file, save_file
 
 
-def _atomic(path: str, write) -> None:
-    temporary = f"{path}.tmp-{os.getpid()}"
-    try:
-        write(temporary)
-        _fsync(temporary)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-
-
 def write_json(path: str, value: Mapping[str, Any]) -> None:
     def write(target):
         with open(target, "w") as handle:
             json.dump(value, handle, indent=2, sort_keys=True)
             handle.write("\n")
-    _atomic(path, write)
+    write_atomically(path, write)
 
 
 def shard_plan(state: Mapping[str, torch.Tensor], max_shard_bytes: int) -> list[list[str]]:
@@ -79,12 +68,12 @@ def save_folder(folder: str | os.PathLike, state: Mapping[str, torch.Tensor], co
             os.remove(os.path.join(folder, stale))
     write_json(os.path.join(folder, CONFIG), config)
     if len(plan) == 1:
-        _atomic(os.path.join(folder, SINGLE), lambda target: save_file(tensors, target, metadata=info))
+        write_atomically(os.path.join(folder, SINGLE), lambda target: save_file(tensors, target, metadata=info))
         return folder
     names = [f"model-{i + 1:05d}-of-{len(plan):05d}.safetensors" for i in range(len(plan))]
     for name, keys in zip(names, plan):
         part = {key: tensors[key] for key in keys}
-        _atomic(os.path.join(folder, name), lambda target, part=part: save_file(part, target, metadata=info))
+        write_atomically(os.path.join(folder, name), lambda target, part=part: save_file(part, target, metadata=info))
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     write_json(os.path.join(folder, INDEX), {"metadata": {"total_size": total},
                                              "weight_map": {key: name for name, keys in zip(names, plan)

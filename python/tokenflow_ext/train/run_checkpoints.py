@@ -55,17 +55,8 @@ def remove_stale_temporaries(folder: str) -> list[str]:
     returns their paths."""
     if not os.path.isdir(folder):
         return []
-    removed = []
-    for name in os.listdir(folder):
-        match = _TEMPORARY.search(name)
-        if match and not _process_alive(int(match.group(1))):
-            path = os.path.join(folder, name)
-            try:
-                os.remove(path)
-                removed.append(path)
-            except FileNotFoundError:
-                pass
-    return removed
+    return _remove([os.path.join(folder, name) for name in os.listdir(folder)
+                    if (match := _TEMPORARY.search(name)) and not _process_alive(int(match.group(1)))])
 
 
 def prune_step_files(folder: str, keep_last: int) -> list[str]:
@@ -73,8 +64,13 @@ def prune_step_files(folder: str, keep_last: int) -> list[str]:
     name of its own and stays."""
     if keep_last <= 0:
         return []
+    return _remove([path for _, path in step_files(folder)[:-keep_last]])
+
+
+def _remove(paths: list[str]) -> list[str]:
+    """Delete ``paths``; returns those this call removed (another process may have been first)."""
     removed = []
-    for _, path in step_files(folder)[:-keep_last]:
+    for path in paths:
         try:
             os.remove(path)
             removed.append(path)
