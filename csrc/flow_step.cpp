@@ -77,8 +77,9 @@ void flow_euler_step_inplace_autograd(at::Tensor& x, const at::Tensor& v_cond,
 // In C++ rather than torch.library.register_autograd: a training step calls these two ops every iteration, and
 // the Python autograd wrapper (setup_context, backward, saved-tensor unpacking, zero-filled gradients for
 // unused outputs) cost more than the kernels at FlowTok's shapes. Gradients of unused outputs stay undefined
-// (no zero tensors are made or read). Under create_graph (grad mode on inside backward) the gradients are the
-// same formulas in differentiable ATen ops, so double backward works.
+// (no zero tensors are made or read). The backward ops have Autograd kernels of their own: under create_graph
+// (grad mode on inside backward) they compute the same formulas in differentiable ATen ops, so double backward
+// works, and the dispatcher never falls back to autograd's not-implemented path.
 
 // (B,) per-sample values -> (B, 1, ..., 1) broadcastable against `like`.
 at::Tensor per_sample(const at::Tensor& values, const at::Tensor& like) {
@@ -104,6 +105,78 @@ const auto& matching_loss_backward_op() {
                                                                 const std::optional<at::Tensor>&, const at::Tensor&,
                                                                 double, bool, bool)>();
   return op;
+}
+
+bool requires_grad(const std::optional<at::Tensor>& tensor) {
+  return tensor.has_value() && tensor->defined() && tensor->requires_grad();
+}
+
+// flow_interpolate_backward in differentiable ATen ops (the gradients of x0 and x1 from those of x_t and v_target)
+std::tuple<at::Tensor, at::Tensor> interpolate_backward_formula(const std::optional<at::Tensor>& grad_x_t,
+                                                                const std::optional<at::Tensor>& grad_v,
+                                                                const at::Tensor& t, double sigma_min) {
+  const bool has_x_t = grad_x_t.has_value() && grad_x_t->defined();
+  const bool has_v = grad_v.has_value() && grad_v->defined();
+  if (!has_x_t && !has_v) return {at::Tensor(), at::Tensor()};
+  const at::Tensor& ref = has_x_t ? *grad_x_t : *grad_v;
+  const auto acc = accumulate_type_for(ref.scalar_type());
+  const double keep = 1.0 - sigma_min;
+  const at::Tensor tt = per_sample(t.to(acc), ref);
+  at::Tensor g0, g1;
+  if (has_x_t) {
+    const at::Tensor g = grad_x_t->to(acc);
+    g0 = (1.0 - keep * tt) * g;
+    g1 = tt * g;
+  }
+  if (has_v) {
+    const at::Tensor g = grad_v->to(acc);
+    g0 = g0.defined() ? g0 - keep * g : -keep * g;
+    g1 = g1.defined() ? g1 + g : g;
+  }
+  return {g0.to(ref.scalar_type()), g1.to(ref.scalar_type())};
+}
+
+// Autograd kernel of the backward op: under grad mode with inputs that require grad (double backward, or a
+// direct call), the differentiable formulas; otherwise the fused kernel below autograd.
+std::tuple<at::Tensor, at::Tensor> flow_interpolate_backward_autograd(const std::optional<at::Tensor>& grad_x_t,
+                                                                      const std::optional<at::Tensor>& grad_v,
+                                                                      const at::Tensor& t, double sigma_min,
+                                                                      bool needs_x0, bool needs_x1) {
+  if (at::GradMode::is_enabled() && (requires_grad(grad_x_t) || requires_grad(grad_v) || t.requires_grad())) {
+    auto [g0, g1] = interpolate_backward_formula(grad_x_t, grad_v, t, sigma_min);
+    return {needs_x0 ? g0 : at::Tensor(), needs_x1 ? g1 : at::Tensor()};
+  }
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return interpolate_backward_op().call(grad_x_t, grad_v, t, sigma_min, needs_x0, needs_x1);
+}
+
+// flow_matching_loss_backward in differentiable ATen ops
+std::tuple<at::Tensor, at::Tensor, at::Tensor> matching_loss_backward_formula(const at::Tensor& grad_loss,
+                                                                              const at::Tensor& v_pred,
+                                                                              const std::optional<at::Tensor>& x0,
+                                                                              const at::Tensor& x1, double sigma_min) {
+  const bool has_x0 = x0.has_value() && x0->defined();
+  const auto acc = accumulate_type_for(v_pred.scalar_type());
+  const double keep = 1.0 - sigma_min;
+  const int64_t per_sample_count = v_pred.size(0) > 0 ? v_pred[0].numel() : 1;
+  const at::Tensor target = has_x0 ? x1.to(acc) - keep * x0->to(acc) : x1.to(acc);
+  const at::Tensor residual = v_pred.to(acc) - target;
+  const at::Tensor grad_residual =
+      per_sample(grad_loss.to(acc) * (2.0 / static_cast<double>(per_sample_count)), v_pred) * residual;
+  return {grad_residual.to(v_pred.scalar_type()), has_x0 ? (keep * grad_residual).to(x0->scalar_type()) : at::Tensor(),
+          (-grad_residual).to(x1.scalar_type())};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> flow_matching_loss_backward_autograd(
+    const at::Tensor& grad_loss, const at::Tensor& v_pred, const std::optional<at::Tensor>& x0, const at::Tensor& x1,
+    double sigma_min, bool needs_x0, bool needs_x1) {
+  if (at::GradMode::is_enabled() &&
+      (grad_loss.requires_grad() || v_pred.requires_grad() || requires_grad(x0) || x1.requires_grad())) {
+    auto [grad_v, grad_x0, grad_x1] = matching_loss_backward_formula(grad_loss, v_pred, x0, x1, sigma_min);
+    return {grad_v, needs_x0 ? grad_x0 : at::Tensor(), needs_x1 ? grad_x1 : at::Tensor()};
+  }
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return matching_loss_backward_op().call(grad_loss, v_pred, x0, x1, sigma_min, needs_x0, needs_x1);
 }
 
 struct InterpolateFunction : public torch::autograd::Function<InterpolateFunction> {
@@ -136,27 +209,8 @@ struct InterpolateFunction : public torch::autograd::Function<InterpolateFunctio
     const bool needs_x0 = ctx->needs_input_grad(0), needs_x1 = ctx->needs_input_grad(1);
     at::Tensor grad_x0, grad_x1, grad_t;
     if ((needs_x0 || needs_x1) && (grad_x_t.defined() || grad_v.defined())) {
-      if (at::GradMode::is_enabled()) {  // create_graph: the same formulas, differentiable
-        const at::Tensor& ref = grad_x_t.defined() ? grad_x_t : grad_v;
-        const auto acc = accumulate_type_for(ref.scalar_type());
-        const double keep = 1.0 - sigma_min;
-        const at::Tensor tt = per_sample(t.to(acc), ref);
-        at::Tensor g0, g1;
-        if (grad_x_t.defined()) {
-          const at::Tensor g = grad_x_t.to(acc);
-          g0 = (1.0 - keep * tt) * g;
-          g1 = tt * g;
-        }
-        if (grad_v.defined()) {
-          const at::Tensor g = grad_v.to(acc);
-          g0 = g0.defined() ? g0 - keep * g : -keep * g;
-          g1 = g1.defined() ? g1 + g : g;
-        }
-        grad_x0 = g0.to(ref.scalar_type());
-        grad_x1 = g1.to(ref.scalar_type());
-      } else {
-        std::tie(grad_x0, grad_x1) = interpolate_backward_op().call(grad_x_t, grad_v, t, sigma_min, needs_x0, needs_x1);
-      }
+      // under create_graph the dispatcher's Autograd kernel of the backward op takes the differentiable formulas
+      std::tie(grad_x0, grad_x1) = interpolate_backward_op().call(grad_x_t, grad_v, t, sigma_min, needs_x0, needs_x1);
       if (!needs_x0) grad_x0 = at::Tensor();
       if (!needs_x1) grad_x1 = at::Tensor();
     }
@@ -192,23 +246,11 @@ struct MatchingLossFunction : public torch::autograd::Function<MatchingLossFunct
     // needs_input_grad counts edges, and a None x0 has none
     const bool needs_v = ctx->needs_input_grad(0), needs_x0 = x0.defined() && ctx->needs_input_grad(1),
                needs_x1 = ctx->needs_input_grad(x0.defined() ? 2 : 1);
+    // under create_graph the dispatcher's Autograd kernel of the backward op takes the differentiable formulas
+    const std::optional<at::Tensor> source = x0.defined() ? std::optional<at::Tensor>(x0) : std::nullopt;
     at::Tensor grad_v, grad_x0, grad_x1;
-    if (at::GradMode::is_enabled()) {  // create_graph: the same formulas, differentiable
-      const auto acc = accumulate_type_for(v_pred.scalar_type());
-      const double keep = 1.0 - sigma_min;
-      const int64_t per_sample_count = v_pred.size(0) > 0 ? v_pred[0].numel() : 1;
-      const at::Tensor target = x0.defined() ? x1.to(acc) - keep * x0.to(acc) : x1.to(acc);
-      const at::Tensor residual = v_pred.to(acc) - target;
-      const at::Tensor grad_residual =
-          per_sample(grads[0].to(acc) * (2.0 / static_cast<double>(per_sample_count)), v_pred) * residual;
-      grad_v = grad_residual.to(v_pred.scalar_type());
-      if (x0.defined()) grad_x0 = (keep * grad_residual).to(x0.scalar_type());
-      grad_x1 = (-grad_residual).to(x1.scalar_type());
-    } else {
-      const std::optional<at::Tensor> source = x0.defined() ? std::optional<at::Tensor>(x0) : std::nullopt;
-      std::tie(grad_v, grad_x0, grad_x1) =
-          matching_loss_backward_op().call(grads[0], v_pred, source, x1, sigma_min, needs_x0, needs_x1);
-    }
+    std::tie(grad_v, grad_x0, grad_x1) =
+        matching_loss_backward_op().call(grads[0], v_pred, source, x1, sigma_min, needs_x0, needs_x1);
     return {needs_v ? grad_v : at::Tensor(), needs_x0 ? grad_x0 : at::Tensor(), needs_x1 ? grad_x1 : at::Tensor(),
             at::Tensor()};
   }
@@ -231,6 +273,8 @@ TORCH_LIBRARY_IMPL(tokenflow_ext, Autograd, m) {
   m.impl("flow_euler_step_", &flow_euler_step_inplace_autograd);
   m.impl("flow_interpolate", &flow_interpolate_autograd);
   m.impl("flow_matching_loss", &flow_matching_loss_autograd);
+  m.impl("flow_interpolate_backward", &flow_interpolate_backward_autograd);
+  m.impl("flow_matching_loss_backward", &flow_matching_loss_backward_autograd);
 }
 
 }  // namespace tokenflow_ext
