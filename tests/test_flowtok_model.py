@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tokenflow_ext.models import FlowTiTok, FlowTok, FlowTransformer, StateDictMismatchError
+from tokenflow_ext.models import CheckpointError, FlowTiTok, FlowTok, FlowTransformer, StateDictMismatchError
+from tokenflow_ext.models._checkpoint import write_checkpoint
 from tokenflow_ext.models.flowtok import CLIPTextEncoder, TextDecoder, null_indicator_roll
 from tokenflow_ext.models.flowtok.text_projector import LayerNorm, contrastive_alignment_loss, kl_divergence
 
@@ -278,6 +279,100 @@ def test_released_layouts_load_strictly_with_a_mismatch_report(tmp_path):
     with pytest.raises(StateDictMismatchError) as error:
         FlowTok.from_pretrained(flow_path, (2, 32, 2), **TINY_FLOW)
     assert "t2t_temperature" in str(error.value) and "blocks.9.attn.qkv.weight" in str(error.value)
+
+
+def trained_style_checkpoint(path, preset=(2, 32, 2), flow_kwargs=TINY_FLOW, seed=0, ema=True):
+    """What ``train flowtok`` writes (write_checkpoint with FlowTokTrainer.metadata, the EMA beside "model")."""
+    torch.manual_seed(seed)
+    nnet = FlowTransformer(preset if isinstance(preset, tuple) else (2, 32, 2), **flow_kwargs)
+    ema_state = {key: value + 1.0 if value.is_floating_point() else value for key, value in nnet.state_dict().items()}
+    metadata = {} if preset is None else {"preset": preset, "flow_kwargs": flow_kwargs}
+    write_checkpoint(path, nnet.state_dict(), metadata, extra={"ema": ema_state} if ema else None)
+    return ema_state if ema else nnet.state_dict()
+
+
+@pytest.mark.parametrize("stored", [(2, 32, 2), [2, 32, 2], "2,32,2"])
+def test_from_pretrained_reads_the_preset_and_flow_kwargs_a_training_checkpoint_stores(tmp_path, stored):
+    path = os.fspath(tmp_path / "last.pt")
+    expected = trained_style_checkpoint(path, stored)
+    model = FlowTok.from_pretrained(path)  # was: built XL (the default) and failed with a 260-key mismatch
+    assert not model.training and len(model.nnet.blocks) == 2 and model.nnet.blocks[0].attn.heads == 2
+    assert model.nnet.clip_dim == 24 and len(model.nnet.context_encoder.layers) == 1
+    for key, value in expected.items():  # the EMA weights, as the training checkpoint's docs say
+        assert torch.equal(model.nnet.state_dict()[key], value), key
+    features = torch.randn(1, 77, 24)
+    assert model.generate(features, num_steps=2).shape == (1, 77, 16)  # no tokenizer: latents
+
+
+@pytest.mark.parametrize("preset", ["2,32,2", " 2, 32, 2 ", (2, 32, 2), [2, 32, 2], "(2, 32, 2)"])
+def test_from_pretrained_and_the_constructor_accept_the_cli_preset_forms(tmp_path, preset):
+    path = os.fspath(tmp_path / "bare.pt")
+    expected = trained_style_checkpoint(path, None, ema=False)  # no metadata: the preset must be given
+    model = FlowTok.from_pretrained(path, preset, **TINY_FLOW)
+    assert all(torch.equal(model.nnet.state_dict()[key], value) for key, value in expected.items())
+    assert len(FlowTok(preset, text_encoder=False, tokenizer=False, **TINY_FLOW).nnet.blocks) == 2
+
+
+def test_from_pretrained_without_a_stored_preset_reads_official_sizes_or_says_what_to_pass(tmp_path):
+    path = os.fspath(tmp_path / "bare.pt")
+    trained_style_checkpoint(path, None, ema=False)
+    with pytest.raises(ValueError, match=r"stores no FlowTok preset.*2 blocks of width 32.*preset=\(2, 32, heads\)"):
+        FlowTok.from_pretrained(path, **TINY_FLOW)
+    # a released-style file without metadata: the official preset of its depth and width (here S: 12 x 384)
+    torch.save({"x_embedder.weight": torch.zeros(384, 16), "blocks.11.attn.qkv.weight": torch.zeros(1)}, path)
+    with pytest.raises(StateDictMismatchError, match=r"built preset 'S'.*12 blocks of width 384"):
+        FlowTok.from_pretrained(path)
+    torch.save({"t2t_temperature": torch.zeros(())}, path)
+    with pytest.raises(ValueError, match="stores no FlowTok preset"):
+        FlowTok.from_pretrained(path)
+
+
+def test_a_given_preset_wins_and_a_mismatch_names_the_stored_one(tmp_path):
+    path = os.fspath(tmp_path / "last.pt")
+    expected = trained_style_checkpoint(path, (2, 32, 2))
+    model = FlowTok.from_pretrained(path, (2, 32, 4))  # the same shapes, other heads: the caller's preset wins
+    assert model.nnet.blocks[0].attn.heads == 4 and model.nnet.clip_dim == 24  # stored flow kwargs still apply
+    assert torch.equal(model.nnet.final_layer.linear.weight, expected["final_layer.linear.weight"])
+    for preset in ("XL", "2,48,2"):
+        with pytest.raises(StateDictMismatchError) as error:
+            FlowTok.from_pretrained(path, preset)
+        message = str(error.value)
+        assert "the file stores preset [2, 32, 2]" in message and "preset=None" in message, message
+        assert "2 blocks of width 32" in message
+    with pytest.raises(StateDictMismatchError, match="wrongly shaped"):  # a given flow kwarg wins too
+        FlowTok.from_pretrained(path, text_hidden=48)
+
+
+def test_broken_or_unknown_presets_are_clear_errors(tmp_path):
+    path = os.fspath(tmp_path / "last.pt")
+    trained_style_checkpoint(path, None, ema=False)
+    state = torch.load(path)["model"]
+    write_checkpoint(path, state, {"preset": "XXL", "flow_kwargs": TINY_FLOW})
+    with pytest.raises(CheckpointError, match=r"last\.pt: its stored FlowTok preset 'XXL' is broken"):
+        FlowTok.from_pretrained(path)
+    assert len(FlowTok.from_pretrained(path, "2,32,2").nnet.blocks) == 2  # a given preset overrides it
+    write_checkpoint(path, state, {"preset": [2, 32, 2], "flow_kwargs": {"text_layerz": 1}})
+    with pytest.raises(CheckpointError, match="text_layerz"):
+        FlowTok.from_pretrained(path)
+    for bad in ("XXL", "2,32", (2, 32), "2,x,2", (2, 30, 4)):
+        with pytest.raises(ValueError, match="preset"):
+            FlowTok.from_pretrained(path, bad)
+    with pytest.raises(ValueError, match="trial size of the training CLI"):
+        FlowTok("tiny")
+
+
+def test_missing_parts_and_the_errors_name_the_flags():
+    bare = FlowTok((1, 32, 2), text_encoder=False, tokenizer=False, **TINY_FLOW)
+    ids, features = torch.randint(0, 100, (2, 77)), torch.randn(2, 77, 24)
+    images, latents = torch.rand(2, 3, 32, 32), torch.randn(2, 77, 16)
+    assert bare.missing_parts(latents, features) == []
+    assert bare.missing_parts(images, ids) == ["tokenizer", "text_encoder"]
+    assert bare.missing_parts(text=["a caption"]) == ["text_encoder"]
+    assert tiny_flowtok().missing_parts(images, ids) == []
+    with pytest.raises(ValueError, match="--clip-text"):
+        bare.training_loss(latents, ids)
+    with pytest.raises(ValueError, match="--flowtitok"):
+        bare.training_loss(images, features)
 
 
 # ------------------------------------------------------------------------------------- toy end to end

@@ -19,6 +19,7 @@ from torch import nn
 from .._checkpoint import load_checked, read_checkpoint
 from .._inference import inference_when_eval
 from .._layers import randn_like_on, trunc_normal_init_
+from ..tokenflow.tokenizer import check_image_range
 
 VIT_SIZES = {"small": (512, 8, 8), "base": (768, 12, 12), "large": (1024, 24, 16)}  # width, layers, heads
 SCALE_FACTOR = 1.0143  # latents are multiplied by it for the flow model and divided before decoding
@@ -204,7 +205,10 @@ class FlowTiTok(nn.Module):
             raise ValueError(f"FlowTiTok: images must be (B, 3, {size}, {size}) in [0, 1], got "
                              f"{tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__}")
         if not images.is_floating_point():
-            raise TypeError(f"FlowTiTok: images must be floating point, got {images.dtype}")
+            note = (" (uint8 images are not accepted: convert with images.float() / 255)"
+                    if images.dtype == torch.uint8 else "")
+            raise TypeError(f"FlowTiTok: images must be floating point in [0, 1], got {images.dtype}{note}")
+        check_image_range(images, "FlowTiTok", 0.0, 1.0)
 
     def posterior(self, images: torch.Tensor) -> Posterior:
         self._check_images(images)

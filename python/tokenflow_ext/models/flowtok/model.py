@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import inspect
+import json
+import numbers
 import os
+import re
 import warnings
 from typing import Any
 
@@ -10,11 +14,11 @@ import torch
 from torch import nn
 
 from ...flow import FlowMatchingLoss, GraphedSampler, logit_normal_timesteps, sample
-from .._checkpoint import load_checked, read_checkpoint
+from .._checkpoint import CheckpointError, StateDictMismatchError, load_checked, read_checkpoint
 from .._inference import inference_when_eval
 from .._layers import autocast_context
 from .clip_text import CLIPTextEncoder
-from .dit import FlowTransformer
+from .dit import FLOW_PRESETS, FlowTransformer
 from .flowtitok import FlowTiTok
 from .text_decoder import TextDecoder
 from .text_projector import contrastive_alignment_loss, kl_divergence
@@ -28,6 +32,61 @@ def _part(value, default_factory):
     if isinstance(value, nn.Module):
         return value
     raise TypeError(f"FlowTok: expected True, False/None or a module, got {type(value).__name__}")
+
+
+def parse_preset(preset: Any, where: str = "FlowTok") -> str | tuple[int, int, int]:
+    """A flow-transformer preset in any of the forms the training CLI and its checkpoints use -> a name of
+    ``FLOW_PRESETS`` or ``(depth, width, heads)``: ``"XL"`` (any case), ``(2, 64, 2)``, ``[2, 64, 2]``,
+    ``"2,64,2"`` (also ``"(2, 64, 2)"`` / ``"[2, 64, 2]"``). Anything else raises a ``ValueError`` that names
+    ``where`` and the accepted forms."""
+    forms = f"a name of {list(FLOW_PRESETS)} or depth,width,heads (three integers, e.g. \"2,64,2\" or (2, 64, 2))"
+    values = None
+    if isinstance(preset, str):
+        text = preset.strip()
+        if text.upper() in FLOW_PRESETS:
+            return text.upper()
+        if "," in text:
+            parts = [part.strip() for part in text.strip("()[] ").split(",")]
+            if all(re.fullmatch(r"[+-]?\d+", part) for part in parts):
+                values = [int(part) for part in parts]
+        elif text == "tiny":
+            raise ValueError(f"{where}: preset 'tiny' is a trial size of the training CLI (train flowtok --preset "
+                             "tiny), not a model preset; its checkpoints store the preset and flow kwargs it stands "
+                             "for, so FlowTok.from_pretrained needs no preset for them")
+    elif isinstance(preset, (tuple, list)) and all(isinstance(v, numbers.Integral) and not isinstance(v, bool)
+                                                   for v in preset):
+        values = [int(v) for v in preset]
+    if values is None or len(values) != 3:
+        raise ValueError(f"{where}: unknown preset {preset!r}; expected {forms}")
+    depth, width, heads = values
+    if depth < 1 or width < 2 or heads < 1 or width % heads or width % 2:
+        raise ValueError(f"{where}: preset {preset!r} is not (depth, width, heads) with positive values and an even "
+                         "width that is a multiple of heads")
+    return depth, width, heads
+
+
+def _stored_value(text: Any) -> Any:
+    """A value of the ``tokenflow_ext`` metadata entry: JSON text (lists, dicts) or a bare string (``"XL"``)."""
+    if not isinstance(text, str):
+        return text
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _weights_shape(state: dict[str, torch.Tensor]) -> tuple[int, int] | None:
+    """``(depth, width)`` of a flow transformer's state dict, or None when it has no DiT blocks."""
+    embedder = state.get("x_embedder.weight")
+    blocks = {int(match.group(1)) for key in state for match in [re.match(r"blocks\.(\d+)\.", key)] if match}
+    if embedder is None or embedder.dim() != 2 or not blocks:
+        return None
+    return max(blocks) + 1, int(embedder.shape[0])
+
+
+def _flow_options() -> set[str]:
+    parameters = inspect.signature(FlowTransformer.__init__).parameters
+    return {name for name, p in parameters.items() if p.kind == p.KEYWORD_ONLY}
 
 
 def null_indicator_roll(x1: torch.Tensor, probability: float, generator: torch.Generator | None = None
@@ -50,7 +109,7 @@ class FlowTok(nn.Module):
 
     ::
 
-        model = FlowTok("XL")            # presets "S", "B", "L", "XL", "H"
+        model = FlowTok("XL")            # presets "S", "B", "L", "XL", "H", or (2, 64, 2) / "2,64,2": depth, width, heads
         loss, parts = model.training_loss(images_or_latents, text_tokens_or_features)
         images = model.generate(text_tokens_or_features, num_steps=20, guidance_scale=2.0)
 
@@ -77,7 +136,7 @@ class FlowTok(nn.Module):
         super().__init__()
         if kl_form not in ("official", "standard"):
             raise ValueError(f"FlowTok: kl_form must be 'official' or 'standard', got {kl_form!r}")
-        self.nnet = FlowTransformer(preset, **flow_kwargs)
+        self.nnet = FlowTransformer(parse_preset(preset), **flow_kwargs)
         self.text_encoder = _part(text_encoder, CLIPTextEncoder)
         self.tokenizer = _part(tokenizer, lambda: FlowTiTok(image_size))
         self.text_decoder = _part(text_decoder, TextDecoder)
@@ -101,7 +160,10 @@ class FlowTok(nn.Module):
         """Token ids ``(B, 77)`` (through the CLIP tower) or features ``(B, 77, clip_dim)`` -> features."""
         if isinstance(text, torch.Tensor) and text.dim() == 2 and not text.is_floating_point():
             if self.text_encoder is None:
-                raise ValueError("FlowTok: token ids need a text_encoder; pass CLIP features (B, 77, 768) instead")
+                raise ValueError("FlowTok: text given as token ids needs the CLIP text encoder, and this model has "
+                                 "none (give FlowTok(text_encoder=...) or from_pretrained(text_encoder_path=...); "
+                                 "the training CLI's flag is --clip-text); or pass CLIP features (B, 77, "
+                                 f"{self.nnet.clip_dim}) instead")
             with torch.no_grad():
                 return self.text_encoder(text)
         if not isinstance(text, torch.Tensor) or text.dim() != 3 or not text.is_floating_point():
@@ -115,7 +177,9 @@ class FlowTok(nn.Module):
         x = images_or_latents
         if isinstance(x, torch.Tensor) and x.dim() == 4:
             if self.tokenizer is None:
-                raise ValueError("FlowTok: images need a tokenizer; pass FlowTiTok latents (B, 77, 16) instead")
+                raise ValueError("FlowTok: images need the FlowTiTok tokenizer, and this model has none (give "
+                                 "FlowTok(tokenizer=...) or from_pretrained(tokenizer_path=...); the training "
+                                 "CLI's flag is --flowtitok); or pass FlowTiTok latents (B, 77, 16) instead")
             with torch.no_grad():
                 return self.tokenizer.encode(x, generator=generator)
         shape = (self.nnet.tokens, self.nnet.channels)
@@ -123,6 +187,22 @@ class FlowTok(nn.Module):
             raise ValueError(f"FlowTok: expected images (B, 3, S, S) or latents (B, {shape[0]}, {shape[1]}) float, got "
                              f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
         return x
+
+    def missing_parts(self, images_or_latents: Any = None, text: Any = None) -> list[str]:
+        """The parts that batched inputs of these forms need and this model lacks: ``"tokenizer"`` for images
+        ``(B, 3, S, S)``, ``"text_encoder"`` for token ids ``(B, 77)`` or caption strings. Lets a caller (a
+        command line) stop with its own flag names before any work, instead of at the first batch; ``None``
+        inputs are not checked. Reads only shapes and dtypes (no device sync)."""
+        missing = []
+        if (self.tokenizer is None and isinstance(images_or_latents, torch.Tensor)
+                and images_or_latents.dim() == 4):
+            missing.append("tokenizer")
+        ids = isinstance(text, torch.Tensor) and not text.is_floating_point()
+        captions = isinstance(text, str) or (isinstance(text, (list, tuple)) and bool(text)
+                                             and isinstance(text[0], str))
+        if self.text_encoder is None and (ids or captions):
+            missing.append("text_encoder")
+        return missing
 
     # --------------------------------------------------------------------------------------- training
 
@@ -243,19 +323,55 @@ class FlowTok(nn.Module):
     # --------------------------------------------------------------------------------------- checkpoints
 
     @classmethod
-    def from_pretrained(cls, flow_path: str | os.PathLike, preset: str | tuple[int, int, int] = "XL", *,
+    def from_pretrained(cls, flow_path: str | os.PathLike, preset: str | tuple[int, int, int] | None = None, *,
                         tokenizer_path: str | os.PathLike | None = None,
                         text_encoder_path: str | os.PathLike | None = None, text_decoder: nn.Module | None = None,
                         strict: bool = True, tokenizer_kwargs: dict | None = None,
                         text_encoder_kwargs: dict | None = None, **kwargs) -> "FlowTok":
-        """``FlowTok-XL.pth`` / ``FlowTok-H.pth`` (the flow transformer's state dict), optionally
+        """``FlowTok-XL.pth`` / ``FlowTok-H.pth`` (the flow transformer's state dict) or a checkpoint of
+        ``python -m tokenflow_ext train flowtok`` (its EMA weights when it has them), optionally
         ``FlowTiTok_512.bin`` (its resolution is read from the file) and a CLIP ViT-L/14-336 file; parts
         without a path are left out. ``tokenizer_kwargs`` / ``text_encoder_kwargs`` size those parts when they
-        are not the official ones. Strict by default (:class:`StateDictMismatchError`). Eval mode."""
-        state, _ = read_checkpoint(flow_path)
+        are not the official ones. Strict by default (:class:`StateDictMismatchError`). Eval mode.
+
+        ``preset``: ``"XL"``, ``(2, 64, 2)``, ``[2, 64, 2]`` or ``"2,64,2"`` (the training CLI's forms). ``None``
+        (the default): the preset the checkpoint stores (training-CLI files); for a file that stores none
+        (the released ones), the official preset whose depth and width its weights have; otherwise an error
+        that says what to pass. The flow kwargs the checkpoint stores (``text_layers``, ...) apply unless
+        given here (a keyword given here wins). A given preset wins over the stored one; if the weights then
+        do not fit, the mismatch report names the stored preset."""
+        path = os.fspath(flow_path)
+        state, metadata = read_checkpoint(path)
+        stored_preset, stored_flow = _stored_value(metadata.get("preset")), _stored_value(metadata.get("flow_kwargs"))
+        shape = _weights_shape(state)
+        if preset is None:
+            preset = cls._preset_of_file(path, stored_preset, shape)
+        else:
+            preset = parse_preset(preset, "FlowTok.from_pretrained")
+        flow_kwargs = {}
+        if stored_flow is not None:
+            if not isinstance(stored_flow, dict) or set(stored_flow) - _flow_options():
+                problem = (f"unknown fields {sorted(set(stored_flow) - _flow_options())}"
+                           if isinstance(stored_flow, dict) else f"a {type(stored_flow).__name__}, not a dict")
+                raise CheckpointError(f"{path}: its stored flow_kwargs {metadata.get('flow_kwargs')!r} are broken "
+                                      f"({problem}); the FlowTransformer options are {sorted(_flow_options())}")
+            flow_kwargs = {key: value for key, value in stored_flow.items() if key not in kwargs}
         with torch.device("meta"):
-            model = cls(preset, text_encoder=None, tokenizer=None, text_decoder=text_decoder, **kwargs)
-        load_checked(model.nnet, state, strict=strict, assign=True)
+            model = cls(preset, text_encoder=None, tokenizer=None, text_decoder=text_decoder, **flow_kwargs, **kwargs)
+        try:
+            load_checked(model.nnet, state, strict=strict, assign=True)
+        except StateDictMismatchError as error:
+            notes = [f"FlowTok.from_pretrained({path!r}): built preset {preset!r}"
+                     + (f" with flow_kwargs {flow_kwargs}" if flow_kwargs else "")]
+            if stored_preset is not None:
+                notes.append(f"the file stores preset {stored_preset!r}"
+                             + (f" and flow_kwargs {stored_flow!r}" if stored_flow else "")
+                             + " (pass preset=None to use them)")
+            if shape is not None:
+                notes.append(f"its weights have {shape[0]} blocks of width {shape[1]}")
+            headline, _, details = error.args[0].partition("\n")  # the note right under the headline
+            error.args = ("\n".join([headline, "  note: " + "; ".join(notes)] + ([details] if details else [])),)
+            raise
         if tokenizer_path is not None:
             model.tokenizer = FlowTiTok.from_pretrained(tokenizer_path, strict=strict,
                                                        **(tokenizer_kwargs or {})).requires_grad_(False)
@@ -263,3 +379,24 @@ class FlowTok(nn.Module):
             model.text_encoder = CLIPTextEncoder.from_pretrained(text_encoder_path,
                                                                  **(text_encoder_kwargs or {})).requires_grad_(False)
         return model.eval()
+
+    @staticmethod
+    def _preset_of_file(path: str, stored: Any, shape: tuple[int, int] | None) -> str | tuple[int, int, int]:
+        """The preset a checkpoint stores, else the official preset of its weights' depth and width, else an
+        error naming the file and what to pass."""
+        if stored is not None:
+            try:
+                return parse_preset(stored, "stored")
+            except ValueError as error:
+                raise CheckpointError(f"{path}: its stored FlowTok preset {stored!r} is broken ({error}); pass "
+                                      "preset= to use the weights anyway") from None
+        if shape is not None:
+            for name, (depth, width, _) in FLOW_PRESETS.items():
+                if (depth, width) == shape:
+                    return name
+            raise ValueError(f"{path} stores no FlowTok preset and its weights ({shape[0]} blocks of width "
+                             f"{shape[1]}) are no official preset: pass preset=({shape[0]}, {shape[1]}, heads) with "
+                             "the number of attention heads it was trained with, and its flow kwargs (as given to "
+                             "train flowtok --preset and --flow-kwargs)")
+        raise ValueError(f"{path} stores no FlowTok preset and has no flow-transformer blocks to read one from: pass "
+                         f"preset= one of {list(FLOW_PRESETS)} or (depth, width, heads)")

@@ -1,5 +1,6 @@
 """``python -m tokenflow_ext tokenize IMAGE... --checkpoint PATH [--config NAME]``: images -> indices
-(``<name>.tokens.npy``) and the reconstruction from those indices (``<name>.recon.png``).
+(``<name>.tokens.npy``) and the reconstruction from those indices (``<name>.recon.png``), written to
+``--out-dir`` (default: the current folder).
 
 Setup problems (a missing or unreadable checkpoint, an unusable ``--out-dir``, ``--device cuda`` without
 CUDA) stop the command before any image with a one-line error and exit status 2. A file that cannot be
@@ -85,9 +86,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="official config (omit for files written by save_pretrained)")
     parser.add_argument("--enhanced-decoder", action="store_true",
                         help="the checkpoint has the enhanced pixel decoder (tokenflow_clipb_32k_enhanced.pt)")
-    parser.add_argument("--out-dir", default=".", metavar="DIR", help="where to write the .npy and .png files")
+    parser.add_argument("--out-dir", default=".", metavar="DIR",
+                        help="where to write NAME.tokens.npy and NAME.recon.png (created if missing; default: the "
+                             "current folder, with existing files of those names replaced)")
     parser.add_argument("--no-reconstruction", action="store_true", help="write the indices only")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def config_label(config) -> str:
+    """What the loaded config is, for the ``loaded PATH (...)`` line: an official name only when every field is
+    that config's (``clipb_256, enhanced decoder`` for that variant); a config named after an official one but
+    differing from it (a training run's overrides) is ``custom config based on NAME`` with the fields that differ
+    (up to five); any other is ``custom config 'NAME'`` (the name a .json config file gave it)."""
+    import dataclasses  # noqa: PLC0415
+
+    official = CONFIGS.get(config.name)
+    if official is not None:
+        if config == official:
+            return config.name
+        if config == official.replace(enhanced_decoder=True):
+            return f"{config.name}, enhanced decoder"
+        changed = [f.name for f in dataclasses.fields(config)
+                   if f.compare and getattr(config, f.name) != getattr(official, f.name)]
+        shown = ", ".join(changed[:5]) + (f", ... ({len(changed) - 5} more)" if len(changed) > 5 else "")
+        return f"custom config based on {config.name}, changed: {shown}"
+    return f"custom config {config.name!r}"
 
 
 def output_stems(paths: list[str], out_dir: str) -> list[str]:
@@ -139,7 +162,8 @@ def run(args: argparse.Namespace) -> int:
     except (OSError, ValueError, RuntimeError, TypeError) as error:  # incl. CheckpointError, mismatch reports
         first = str(error).splitlines()[0] if str(error) else type(error).__name__
         return _fail(f"--checkpoint {args.checkpoint}: {first}")
-    print(f"loaded {args.checkpoint} ({tokenizer.config.name}, {tokenizer.tokens_per_image} tokens per image) "
+    print(f"loaded {args.checkpoint} ({config_label(tokenizer.config)}, "
+          f"{tokenizer.tokens_per_image} tokens per image) "
           f"in {time.perf_counter() - started:.2f} s")
     failed = 0
     for path, stem in zip(args.images, output_stems(args.images, args.out_dir)):

@@ -39,6 +39,44 @@ class DecodeResult(NamedTuple):
     image: torch.Tensor
 
 
+def _tracing() -> bool:
+    """Under torch.compile, FX/JIT tracing or CUDA-graph capture no value may be read back to the host."""
+    compiler = getattr(torch, "compiler", None)
+    if compiler is not None and getattr(compiler, "is_compiling", lambda: False)():
+        return True
+    if torch.jit.is_tracing() or torch.jit.is_scripting():
+        return True
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def check_image_range(images: torch.Tensor, who: str, low: float, high: float, *, argument: str = "images") -> None:
+    """Raise a ``ValueError`` naming ``argument``, the expected range ``[low, high]`` and the observed minimum and
+    maximum when the float ``images`` are clearly outside that range: below ``low`` or above ``high`` by more than
+    half the range's width (``[-1, 1]``: outside ``[-2, 2]``; ``[0, 1]``: outside ``[-0.5, 1.5]``), e.g. 0-255 pixel
+    values, or ``[-1, 1]`` images given to a ``[0, 1]`` model. A small overshoot (bicubic resampling) passes.
+
+    Shared by the image entry points of both model families (``TokenFlowTokenizer.encode`` and what calls it,
+    ``FlowTiTok.encode`` / ``posterior`` and FlowTok's image paths through it). Cost: one ``aminmax`` and one
+    read-back of two numbers (one device sync) per call; skipped for empty and meta tensors and while
+    compiling, tracing or capturing a CUDA graph. NaNs are not reported here."""
+    if images.numel() == 0 or images.device.type == "meta" or _tracing():
+        return
+    with torch.no_grad():
+        lowest, highest = torch.stack(torch.aminmax(images.detach())).float().tolist()  # one sync
+    margin = 0.5 * (high - low)
+    too_low, too_high = lowest < low - margin, highest > high + margin
+    if not (too_low or too_high):
+        return
+    if too_high and not too_low:
+        hint = "0-255 pixel values? convert with " + ("images / 255" if low == 0 else "images / 127.5 - 1")
+    elif low == 0 and lowest >= -1.5:
+        hint = "[-1, 1] images? convert with (images + 1) / 2"
+    else:
+        hint = "mean/std-normalised images? give the pixels scaled to that range instead"
+    raise ValueError(f"{who}: {argument} must be in [{low:g}, {high:g}], got values from {lowest:.4g} to "
+                     f"{highest:.4g} ({hint})")
+
+
 class ScalingLayer(nn.Module):
     """[-1, 1] image -> [0, 1] (clamped as the official 8-bit round trip) -> ``(x - shift) / scale``."""
 
@@ -170,13 +208,16 @@ class TokenFlowTokenizer(nn.Module):
             raise ValueError(f"TokenFlowTokenizer: images must be (B, 3, {size}, {size}), "
                              f"got {tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__}")
         if not images.is_floating_point():
-            raise TypeError(f"TokenFlowTokenizer: images must be floating point in [-1, 1], got {images.dtype}")
+            note = (" (uint8 images are not accepted: convert with images.float() / 127.5 - 1)"
+                    if images.dtype == torch.uint8 else "")
+            raise TypeError(f"TokenFlowTokenizer: images must be floating point in [-1, 1], got {images.dtype}{note}")
         if tuple(images.shape[-2:]) != (size, size):
             raise ValueError(f"TokenFlowTokenizer({self.config.name!r}): images must be {size}x{size}, "
                              f"got {tuple(images.shape[-2:])}")
         weight = self.quant_conv.weight
         if images.device != weight.device:
             raise ValueError(f"TokenFlowTokenizer: images are on {images.device}, the model on {weight.device}")
+        check_image_range(images, "TokenFlowTokenizer", -1.0, 1.0)
 
     def semantic_features(self, images: torch.Tensor) -> torch.Tensor:
         """``(B, 3, H, W)`` -> semantic codes before quantization ``(B, semantic_code_dim, S, S)``."""
