@@ -120,3 +120,14 @@ def test_flowtok_on_captioned_photographs(tmp_path, monkeypatch):
         last = trainer.run()
     assert trainer.step == 3 and last["skipped"] >= 1 and last["eval_flow_loss"] > 0
     assert all(torch.equal(v, model.tokenizer.state_dict()[k]) for k, v in frozen.items())  # towers stay frozen
+
+
+def test_token_ids_without_a_text_encoder_stop_before_any_work(tmp_path):
+    import pytest
+
+    root = write_pairs(tmp_path / "ids", 4, seed=0)
+    for index in range(4):  # token ids (77,) int instead of CLIP features
+        np.save(os.path.join(root, "text", f"{index:03d}.npy"), np.arange(77, dtype=np.int64))
+    with pytest.raises(ValueError, match="needs --clip-text"):
+        FlowTokTrainer(config(tmp_path, root, root))
+    assert not os.path.exists(tmp_path / "run")

@@ -5,8 +5,8 @@ flow transformer's weights (0.9999), gradient checkpointing on.
 Data: a folder with ``latents/`` and ``text/`` subfolders of precomputed pairs (``FeaturePairs``: FlowTiTok
 latents ``(77, 16)`` with CLIP text features ``(77, 768)`` or token ids ``(77,)``), or a folder of images with
 same-name ``.txt`` captions (needs ``--flowtitok`` and ``--clip-text`` weights, and open_clip's tokenizer for
-the caption strings). Checkpoints hold the flow transformer's state dict (``nnet``): they load with
-``FlowTok.from_pretrained(path, preset)`` (the EMA weights when EMA is on).
+the caption strings). Checkpoints hold the flow transformer's state dict (``nnet``) and its preset: they load
+with ``FlowTok.from_pretrained(path)`` (the EMA weights when EMA is on).
 """
 
 from __future__ import annotations
@@ -82,9 +82,7 @@ class FlowTokTrainer(Trainer):
             if config.clip_text:
                 from ..models.flowtok.clip_text import CLIPTextEncoder  # noqa: PLC0415
                 model.text_encoder = CLIPTextEncoder.from_pretrained(config.clip_text).requires_grad_(False)
-        if isinstance(self.dataset, CaptionedImageFolder) and (model.tokenizer is None or model.text_encoder is None):
-            raise ValueError("training FlowTok on images with captions needs --flowtitok (FlowTiTok weights) and "
-                             "--clip-text (CLIP text-encoder weights); or precompute latents and text features")
+        self._check_parts(model, config.data)
         if config.init:
             state, _ = read_checkpoint(config.init)
             load_checked(model.nnet, state, strict=True)
@@ -104,6 +102,25 @@ class FlowTokTrainer(Trainer):
             self.model = wrap_ddp(_TrainingLoss(model), self.device)
         else:
             self.model = model
+
+    def _check_parts(self, model: FlowTok, data: str) -> None:
+        """Stop before any work when the data needs a part the model lacks: images need FlowTiTok
+        (--flowtitok), token ids and captions the CLIP text encoder (--clip-text). Reads the first sample
+        that loads."""
+        sample = next((item for item in (self.dataset[i] for i in range(min(len(self.dataset), 16)))
+                       if item is not None), None)
+        if sample is not None:
+            images, text = sample[0][None], sample[1][None] if isinstance(sample[1], torch.Tensor) else [sample[1]]
+        elif isinstance(self.dataset, CaptionedImageFolder):  # none loads yet: what the folder kind holds
+            images, text = torch.zeros(1, 3, 8, 8), ["caption"]
+        else:
+            return  # unreadable data: the loop's own checks report it
+        flags = {"tokenizer": "--flowtitok (FlowTiTok weights: the data holds images)",
+                 "text_encoder": "--clip-text (CLIP text-encoder weights: the data holds token ids or captions)"}
+        missing = [flags[part] for part in model.missing_parts(images, text)]
+        if missing:
+            raise ValueError(f"training FlowTok on {data} needs {' and '.join(missing)}; or precompute FlowTiTok "
+                             "latents and CLIP text features (latents/ and text/ folders)")
 
     @staticmethod
     def _dataset(root, config):
