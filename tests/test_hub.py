@@ -90,3 +90,56 @@ def test_official_files_table():
     assert hub.official_settings("ByteFlow-AI/TokenFlow", "tokenflow_clipb_32k_enhanced.pt") == \
         ("TokenFlowTokenizer", {"config": "clipb_256", "enhanced_decoder": True})
     assert hub.official_settings("ByteFlow-AI/TokenFlow", "unknown.pt") is None
+
+
+def _cache_with(tmp_path, repo, name, writer):
+    folder = tmp_path / "hub" / ("models--" + repo.replace("/", "--"))
+    (folder / "refs").mkdir(parents=True)
+    (folder / "refs" / "main").write_text(MAIN)
+    (folder / "snapshots" / MAIN).mkdir(parents=True)
+    writer(folder / "snapshots" / MAIN / name)
+    return tmp_path / "hub"
+
+
+def test_tokenizer_by_hub_id_equals_by_path_and_official_files_need_no_config(tmp_path, monkeypatch):
+    import torch
+
+    from tokenflow_ext.models import TokenFlowTokenizer
+    from tokenflow_tiny import TINY_CLIP, tiny_tokenizer
+
+    model = tiny_tokenizer()
+    local = tmp_path / "tiny.pt"
+    model.save_pretrained(local)
+    cache = _cache_with(tmp_path, "org/tiny", "tiny.pt", model.save_pretrained)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    by_id = TokenFlowTokenizer.from_pretrained("org/tiny", filename="tiny.pt", cache_dir=cache)
+    by_path = TokenFlowTokenizer.from_pretrained(local)
+    for key, value in by_path.state_dict().items():
+        assert torch.equal(value, by_id.state_dict()[key]), key
+    # an official file's settings come from OFFICIAL_FILES: a bare state dict (as released) loads by name alone
+    from tokenflow_ext.models.tokenflow.config import resolve_config
+
+    monkeypatch.setitem(hub.OFFICIAL_FILES, ("org/tiny", "bare.pt"),
+                        ("TokenFlowTokenizer", {"config": resolve_config("clipb_256", **TINY_CLIP)}))
+    torch.save({"model": model.state_dict()}, cache / "models--org--tiny" / "snapshots" / MAIN / "bare.pt")
+    official = TokenFlowTokenizer.from_pretrained("org/tiny/bare.pt", cache_dir=cache)
+    assert official.config.codebook_size == TINY_CLIP["codebook_size"]
+    with pytest.raises(hub.HubError, match="org/tiny file absent.pt"):
+        TokenFlowTokenizer.from_pretrained("org/tiny", filename="absent.pt", cache_dir=cache)
+
+
+@pytest.mark.parametrize("shard_bytes", [None, 200_000])
+def test_tokenizer_folder_round_trip_sharded_or_not(tmp_path, shard_bytes):
+    import torch
+
+    from tokenflow_ext.models import TokenFlowTokenizer
+    from tokenflow_tiny import tiny_tokenizer
+
+    model = tiny_tokenizer()
+    folder = model.save_pretrained(tmp_path / "tok", max_shard_bytes=shard_bytes)
+    names = os.listdir(folder)
+    assert "config.json" in names and (("model.safetensors.index.json" in names) == (shard_bytes is not None))
+    loaded = TokenFlowTokenizer.from_pretrained(folder)
+    assert loaded.config == model.config
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, loaded.state_dict()[key]), key

@@ -332,17 +332,39 @@ class TokenFlowTokenizer(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, config: str | TokenFlowConfig | None = None, *,
                         strict: bool = True, map_location: Any = "cpu", dtype: torch.dtype | None = None,
-                        semantic_encoder: nn.Module | None = None, **overrides) -> "TokenFlowTokenizer":
+                        semantic_encoder: nn.Module | None = None, filename: str | None = None,
+                        revision: str | None = None, cache_dir: str | os.PathLike | None = None,
+                        local_files_only: bool | None = None, **overrides) -> "TokenFlowTokenizer":
         """Load an official checkpoint (``tokenflow_clipb_32k_enhanced.pt`` with ``config="clipb_256",
-        enhanced_decoder=True``; ``tokenflow_siglip_32k.pt`` with ``config="siglip_384"``) or a file written
-        by :meth:`save_pretrained` (its config is stored; ``config`` may then be omitted).
+        enhanced_decoder=True``; ``tokenflow_siglip_32k.pt`` with ``config="siglip_384"``) or what
+        :meth:`save_pretrained` wrote (its config is stored; ``config`` may then be omitted).
+
+        ``path`` may be a Hub id: ``"ByteFlow-AI/TokenFlow"`` with ``filename=``, or
+        ``"ByteFlow-AI/TokenFlow/tokenflow_siglip_32k.pt"``, fetched into the Hub cache (``revision``,
+        ``cache_dir``, ``local_files_only``, ``HF_HUB_OFFLINE``; :mod:`tokenflow_ext.hub`). The official files
+        need no ``config=``: :data:`tokenflow_ext.hub.OFFICIAL_FILES` has their settings. A local path wins.
 
         Weights are read from the ``ema``, ``model`` or ``state_dict`` entry. ``strict`` (default) raises
         :class:`StateDictMismatchError` listing missing, unexpected and wrongly shaped keys; wrong shapes
         raise even when not strict. With ``strict`` the model is built on the meta device and takes the
         checkpoint's tensors (no random init of ~400 M parameters). Returned in eval mode.
         """
-        state, metadata = read_checkpoint(path, map_location=map_location)
+        from ... import hub  # noqa: PLC0415
+        from .. import _folder  # noqa: PLC0415
+
+        named = hub.split_id(os.fspath(path), filename)
+        official = hub.official_settings(*named) if named else None
+        if official is not None and config is None:
+            settings = dict(official[1])
+            config = settings.pop("config")
+            overrides = {**settings, **overrides}
+        path = hub.resolve_file(path, filename, revision=revision, cache_dir=cache_dir,
+                                local_files_only=local_files_only)
+        if _folder.is_model_folder(path):
+            state, folder_config = _folder.load_folder(path, device=str(map_location))
+            metadata = {"config": json.dumps(folder_config["tokenflow_ext"])} if "tokenflow_ext" in folder_config else {}
+        else:
+            state, metadata = read_checkpoint(path, map_location=map_location)
         if config is None:
             if "config" not in metadata:
                 raise ValueError(f"{os.fspath(path)} stores no tokenflow_ext config: pass config= one of "
@@ -363,7 +385,16 @@ class TokenFlowTokenizer(nn.Module):
             model = model.to(dtype)
         return model.eval()
 
-    def save_pretrained(self, path: str | os.PathLike) -> str:
-        """Write the state dict (official keys) and the config: safetensors for a ``.safetensors`` path, else
-        a torch file ``{"model": state_dict, "tokenflow_ext": {...}}`` that official loaders also read."""
-        return write_checkpoint(path, self.state_dict(), {"config": dataclasses.asdict(self.config)})
+    def save_pretrained(self, path: str | os.PathLike, *, max_shard_bytes: int | None = None) -> str:
+        """Write the state dict (official keys) and the config: safetensors for a ``.safetensors`` path, a
+        torch file ``{"model": state_dict, "tokenflow_ext": {...}}`` that official loaders also read for a
+        ``.pt`` / ``.pth`` / ``.bin`` path, and otherwise a folder in the Hugging Face layout
+        (``config.json`` plus ``model.safetensors``, or shards with the standard index above
+        ``max_shard_bytes``, default 5 GiB; :mod:`tokenflow_ext.models._folder`)."""
+        from .. import _folder  # noqa: PLC0415
+
+        config = dataclasses.asdict(self.config)
+        if os.fspath(path).endswith((".safetensors", ".pt", ".pth", ".bin", ".ckpt")):
+            return write_checkpoint(path, self.state_dict(), {"config": config})
+        return _folder.save_folder(path, self.state_dict(), {"tokenflow_ext": config, "model_type": "tokenflow"},
+                                   max_shard_bytes=max_shard_bytes or _folder.DEFAULT_SHARD_BYTES)
