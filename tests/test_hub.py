@@ -143,3 +143,21 @@ def test_tokenizer_folder_round_trip_sharded_or_not(tmp_path, shard_bytes):
     assert loaded.config == model.config
     for key, value in model.state_dict().items():
         assert torch.equal(value, loaded.state_dict()[key]), key
+
+
+def test_flowtok_by_hub_id(tmp_path, monkeypatch):
+    import torch
+
+    from tokenflow_ext.models import FlowTok
+    from tokenflow_ext.models._checkpoint import write_checkpoint
+
+    torch.manual_seed(0)
+    model = FlowTok((2, 32, 2), text_encoder=False, tokenizer=False, clip_dim=24, text_layers=1, text_heads=2,
+                    text_hidden=32)
+    meta = {"preset": [2, 32, 2], "flow_kwargs": {"clip_dim": 24, "text_layers": 1, "text_heads": 2, "text_hidden": 32}}
+    cache = _cache_with(tmp_path, "org/flow", "flow.pt",
+                        lambda path: write_checkpoint(str(path), model.nnet.state_dict(), meta))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    loaded = FlowTok.from_pretrained("org/flow", filename="flow.pt", cache_dir=cache)
+    for key, value in model.nnet.state_dict().items():
+        assert torch.equal(value, loaded.nnet.state_dict()[key]), key

@@ -237,9 +237,16 @@ class FlowTiTok(nn.Module):
         return self.decoder(unscaled, text).clamp(0.0, 1.0)
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, *, strict: bool = True, **kwargs) -> "FlowTiTok":
+    def from_pretrained(cls, path: str | os.PathLike, *, strict: bool = True, filename: str | None = None,
+                        revision: str | None = None, cache_dir: str | os.PathLike | None = None,
+                        local_files_only: bool | None = None, **kwargs) -> "FlowTiTok":
         """Load ``FlowTiTok_512.bin`` (or a 256 px file): the resolution is read from the stored RoPE table
-        unless ``image_size`` is given. Strict by default. Eval mode."""
+        unless ``image_size`` is given. Strict by default. Eval mode. ``path`` may be a Hub id
+        (``"turkeyju/FlowTok/FlowTiTok_512.bin"``, or the repository with ``filename=``; :mod:`tokenflow_ext.hub`)."""
+        from ... import hub  # noqa: PLC0415
+
+        path = hub.resolve_file(path, filename, revision=revision, cache_dir=cache_dir,
+                                local_files_only=local_files_only)
         state, _ = read_checkpoint(path)
         table = state.get("decoder.positional_embedding.freqs_cos")
         if table is not None and "image_size" not in kwargs:

@@ -327,7 +327,9 @@ class FlowTok(nn.Module):
                         tokenizer_path: str | os.PathLike | None = None,
                         text_encoder_path: str | os.PathLike | None = None, text_decoder: nn.Module | None = None,
                         strict: bool = True, tokenizer_kwargs: dict | None = None,
-                        text_encoder_kwargs: dict | None = None, **kwargs) -> "FlowTok":
+                        text_encoder_kwargs: dict | None = None, filename: str | None = None,
+                        revision: str | None = None, cache_dir: str | os.PathLike | None = None,
+                        local_files_only: bool | None = None, **kwargs) -> "FlowTok":
         """``FlowTok-XL.pth`` / ``FlowTok-H.pth`` (the flow transformer's state dict) or a checkpoint of
         ``python -m tokenflow_ext train flowtok`` (its EMA weights when it has them), optionally
         ``FlowTiTok_512.bin`` (its resolution is read from the file) and a CLIP ViT-L/14-336 file; parts
@@ -339,8 +341,20 @@ class FlowTok(nn.Module):
         (the released ones), the official preset whose depth and width its weights have; otherwise an error
         that says what to pass. The flow kwargs the checkpoint stores (``text_layers``, ...) apply unless
         given here (a keyword given here wins). A given preset wins over the stored one; if the weights then
-        do not fit, the mismatch report names the stored preset."""
-        path = os.fspath(flow_path)
+        do not fit, the mismatch report names the stored preset.
+
+        Every path may be a Hub id: ``"turkeyju/FlowTok/FlowTok-XL.pth"`` (or ``"turkeyju/FlowTok"`` with
+        ``filename=``), ``tokenizer_path="turkeyju/FlowTok/FlowTiTok_512.bin"``, fetched into the Hub cache
+        (``revision``, ``cache_dir``, ``local_files_only``, ``HF_HUB_OFFLINE``; :mod:`tokenflow_ext.hub`)."""
+        from ... import hub  # noqa: PLC0415
+
+        def fetch(name, file=None):
+            return hub.resolve_file(name, file, revision=revision, cache_dir=cache_dir,
+                                    local_files_only=local_files_only)
+
+        path = fetch(flow_path, filename)
+        tokenizer_path = fetch(tokenizer_path) if tokenizer_path is not None else None
+        text_encoder_path = fetch(text_encoder_path) if text_encoder_path is not None else None
         state, metadata = read_checkpoint(path)
         stored_preset, stored_flow = _stored_value(metadata.get("preset")), _stored_value(metadata.get("flow_kwargs"))
         shape = _weights_shape(state)
