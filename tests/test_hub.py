@@ -161,3 +161,22 @@ def test_flowtok_by_hub_id(tmp_path, monkeypatch):
     loaded = FlowTok.from_pretrained("org/flow", filename="flow.pt", cache_dir=cache)
     for key, value in model.nnet.state_dict().items():
         assert torch.equal(value, loaded.nnet.state_dict()[key]), key
+
+
+@pytest.mark.parametrize("form", ["file.pt", "file.safetensors", "folder", "sharded"])
+def test_flowtok_save_pretrained_round_trips_without_a_preset(tmp_path, form):
+    import torch
+
+    from tokenflow_ext.models import FlowTok
+
+    torch.manual_seed(0)
+    model = FlowTok("2,32,2", text_encoder=False, tokenizer=False, clip_dim=24, text_layers=1, text_heads=2,
+                    text_hidden=32)
+    target = tmp_path / ("flow" if form in ("folder", "sharded") else form)
+    written = model.save_pretrained(target, max_shard_bytes=50_000 if form == "sharded" else None)
+    if form == "sharded":
+        assert os.path.exists(os.path.join(written, "model.safetensors.index.json"))
+    loaded = FlowTok.from_pretrained(written)
+    assert loaded.preset == (2, 32, 2) and loaded.flow_kwargs["clip_dim"] == 24
+    for key, value in model.nnet.state_dict().items():
+        assert torch.equal(value, loaded.nnet.state_dict()[key]), key

@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from ...flow import FlowMatchingLoss, GraphedSampler, logit_normal_timesteps, sample
-from .._checkpoint import CheckpointError, StateDictMismatchError, load_checked, read_checkpoint
+from .. import _folder
+from .._checkpoint import CheckpointError, StateDictMismatchError, load_checked, read_checkpoint, write_checkpoint
 from .._inference import inference_when_eval
 from .._layers import autocast_context
 from .clip_text import CLIPTextEncoder
@@ -137,6 +138,7 @@ class FlowTok(nn.Module):
         if kl_form not in ("official", "standard"):
             raise ValueError(f"FlowTok: kl_form must be 'official' or 'standard', got {kl_form!r}")
         self.nnet = FlowTransformer(parse_preset(preset), **flow_kwargs)
+        self.preset, self.flow_kwargs = parse_preset(preset), dict(flow_kwargs)  # what save_pretrained records
         self.text_encoder = _part(text_encoder, CLIPTextEncoder)
         self.tokenizer = _part(tokenizer, lambda: FlowTiTok(image_size))
         self.text_decoder = _part(text_decoder, TextDecoder)
@@ -355,7 +357,11 @@ class FlowTok(nn.Module):
         path = fetch(flow_path, filename)
         tokenizer_path = fetch(tokenizer_path) if tokenizer_path is not None else None
         text_encoder_path = fetch(text_encoder_path) if text_encoder_path is not None else None
-        state, metadata = read_checkpoint(path)
+        if _folder.is_model_folder(path):  # save_pretrained's folder: the settings are in config.json
+            state, config = _folder.load_folder(path)
+            metadata = {key: json.dumps(value) for key, value in config.get("tokenflow_ext", {}).items()}
+        else:
+            state, metadata = read_checkpoint(path)
         stored_preset, stored_flow = _stored_value(metadata.get("preset")), _stored_value(metadata.get("flow_kwargs"))
         shape = _weights_shape(state)
         if preset is None:
@@ -393,6 +399,19 @@ class FlowTok(nn.Module):
             model.text_encoder = CLIPTextEncoder.from_pretrained(text_encoder_path,
                                                                  **(text_encoder_kwargs or {})).requires_grad_(False)
         return model.eval()
+
+    def save_pretrained(self, path: str | os.PathLike, *, max_shard_bytes: int | None = None) -> str:
+        """Write the flow transformer's state dict (the released files' keys) with its preset and flow kwargs:
+        a torch file for a ``.pt`` / ``.pth`` / ``.bin`` path, one ``.safetensors`` file, or otherwise a
+        Hugging Face-layout folder (``config.json`` + ``model.safetensors``, or indexed shards above
+        ``max_shard_bytes``, default 5 GiB). :meth:`from_pretrained` reads each back without a preset; the
+        frozen parts (FlowTiTok, CLIP) keep their own files."""
+        settings = {"preset": list(self.preset) if isinstance(self.preset, tuple) else self.preset,
+                    "flow_kwargs": self.flow_kwargs}
+        if os.fspath(path).endswith((".safetensors", ".pt", ".pth", ".bin", ".ckpt")):
+            return write_checkpoint(path, self.nnet.state_dict(), settings)
+        return _folder.save_folder(path, self.nnet.state_dict(), {"tokenflow_ext": settings, "model_type": "flowtok"},
+                                   max_shard_bytes=max_shard_bytes or _folder.DEFAULT_SHARD_BYTES)
 
     @staticmethod
     def _preset_of_file(path: str, stored: Any, shape: tuple[int, int] | None) -> str | tuple[int, int, int]:
