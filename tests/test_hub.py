@@ -180,3 +180,21 @@ def test_flowtok_save_pretrained_round_trips_without_a_preset(tmp_path, form):
     assert loaded.preset == (2, 32, 2) and loaded.flow_kwargs["clip_dim"] == 24
     for key, value in model.nnet.state_dict().items():
         assert torch.equal(value, loaded.nnet.state_dict()[key]), key
+
+
+@pytest.mark.parametrize("form", ["file.pt", "file.safetensors", "folder", "sharded"])
+def test_flowtitok_save_pretrained_round_trips(tmp_path, form):
+    import torch
+
+    from tokenflow_ext.models import FlowTiTok
+
+    torch.manual_seed(0)
+    model = FlowTiTok(image_size=32, patch_size=8, encoder_size=(32, 1, 2), decoder_size=(32, 1, 2), text_dim=24)
+    target = tmp_path / ("titok" if form in ("folder", "sharded") else form)
+    written = model.save_pretrained(target, max_shard_bytes=100_000 if form == "sharded" else None)
+    loaded = FlowTiTok.from_pretrained(written)
+    import json
+
+    assert json.dumps(loaded.settings) == json.dumps(model.settings)  # tuples come back as lists
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, loaded.state_dict()[key]), key

@@ -9,6 +9,7 @@ the RoPE tables ``positional_embedding.freqs_cos`` / ``freqs_sin`` that the rele
 
 from __future__ import annotations
 
+import json
 import os
 from typing import NamedTuple
 
@@ -193,6 +194,9 @@ class FlowTiTok(nn.Module):
             raise ValueError(f"FlowTiTok: image_size {image_size} is not a multiple of patch_size {patch_size}")
         self.image_size, self.token_size, self.num_latent_tokens = image_size, token_size, latent_tokens
         self.text_dim, self.scale_factor = text_dim, scale_factor
+        self.settings = dict(image_size=image_size, patch_size=patch_size, encoder_size=encoder_size,
+                             decoder_size=decoder_size, latent_tokens=latent_tokens, token_size=token_size,
+                             text_dim=text_dim, scale_factor=scale_factor)  # what save_pretrained records
         self.encoder = FlowTiTokEncoder(image_size, patch_size, encoder_size, latent_tokens, token_size)
         self.decoder = FlowTiTokDecoder(image_size, patch_size, decoder_size, latent_tokens, token_size,
                                         latent_tokens, text_dim)
@@ -244,10 +248,17 @@ class FlowTiTok(nn.Module):
         unless ``image_size`` is given. Strict by default. Eval mode. ``path`` may be a Hub id
         (``"turkeyju/FlowTok/FlowTiTok_512.bin"``, or the repository with ``filename=``; :mod:`tokenflow_ext.hub`)."""
         from ... import hub  # noqa: PLC0415
+        from .. import _folder  # noqa: PLC0415
 
         path = hub.resolve_file(path, filename, revision=revision, cache_dir=cache_dir,
                                 local_files_only=local_files_only)
-        state, _ = read_checkpoint(path)
+        if _folder.is_model_folder(path):
+            state, config = _folder.load_folder(path)
+            stored = config.get("tokenflow_ext", {})
+        else:
+            state, metadata = read_checkpoint(path)
+            stored = json.loads(metadata["flowtitok"]) if "flowtitok" in metadata else {}
+        kwargs = {**stored, **kwargs}  # what save_pretrained recorded, unless given here
         table = state.get("decoder.positional_embedding.freqs_cos")
         if table is not None and "image_size" not in kwargs:
             kwargs["image_size"] = round(table.shape[0] ** 0.5) * kwargs.get("patch_size", 16)
@@ -255,3 +266,15 @@ class FlowTiTok(nn.Module):
             model = cls(**kwargs)
         load_checked(model, state, strict=strict, assign=True)
         return model.eval()
+
+    def save_pretrained(self, path: str | os.PathLike, *, max_shard_bytes: int | None = None) -> str:
+        """The weights (the released file's keys) and the constructor settings: a torch file for a ``.pt`` /
+        ``.pth`` / ``.bin`` path, one ``.safetensors`` file, or otherwise a Hugging Face-layout folder
+        (indexed shards above ``max_shard_bytes``); :meth:`from_pretrained` reads each back."""
+        from .._checkpoint import write_checkpoint  # noqa: PLC0415
+        from .. import _folder  # noqa: PLC0415
+
+        if os.fspath(path).endswith((".safetensors", ".pt", ".pth", ".bin", ".ckpt")):
+            return write_checkpoint(path, self.state_dict(), {"flowtitok": self.settings})
+        return _folder.save_folder(path, self.state_dict(), {"tokenflow_ext": self.settings, "model_type": "flowtitok"},
+                                   max_shard_bytes=max_shard_bytes or _folder.DEFAULT_SHARD_BYTES)
