@@ -58,7 +58,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     t.add_argument("--config", default="clipb_256",
                    help="clipb_224, clipb_256, siglip_384, tiny (a 64 px trial size for the CPU, not official) or a "
                         ".json of TokenFlowConfig fields (\"base\": a name)")
-    t.add_argument("--init", metavar="PATH", help="tokenizer weights to start from (official .pt or save_pretrained)")
+    t.add_argument("--init", metavar="PATH", help="tokenizer weights to start from (official .pt or save_pretrained; a "
+                                                  "path or a Hub id org/repo/file)")
     t.add_argument("--teacher", metavar="PATH", help="frozen semantic teacher weights (see the README)")
     t.add_argument("--vgg-weights", metavar="PATH", help="torchvision vgg16-397923af.pth (for LPIPS)")
     t.add_argument("--lpips-weights", metavar="PATH", help="LPIPS linear heads vgg.pth")

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from .. import hub
 from ..models._checkpoint import load_checked, read_checkpoint
 from ..models.flowtok import FlowTok
 from .data import CaptionedImageFolder, DataError, FeaturePairs
@@ -84,7 +85,7 @@ class FlowTokTrainer(Trainer):
                 model.text_encoder = CLIPTextEncoder.from_pretrained(config.clip_text).requires_grad_(False)
         self._check_parts(model, config.data)
         if config.init:
-            state, _ = read_checkpoint(config.init)
+            state, _ = read_checkpoint(hub.resolve_file(config.init))  # a path or a Hub id (org/repo/file)
             load_checked(model.nnet, state, strict=True)
         model.to(self.device).train()
         self.seed_rank()  # back to the per-rank streams after the shared initialisation

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from .. import hub
 from ..models._checkpoint import StateDictMismatchError, load_checked, read_checkpoint
 from ..models.tokenflow.config import (CLIP_MEAN, CLIP_STD, CONFIGS, SIGLIP_MEAN, SIGLIP_STD, TokenFlowConfig,
                                        resolve_config)
@@ -151,7 +152,7 @@ class TokenizerTrainer(Trainer):
         torch.manual_seed(config.seed)  # the same initial weights on every rank
         model = TokenFlowTokenizer(model_config)
         if config.init:
-            state, _ = read_checkpoint(config.init)
+            state, _ = read_checkpoint(hub.resolve_file(config.init))  # a path or a Hub id (org/repo/file)
             if config.enhanced_decoder:  # switching to the enhanced decoder: the old decoder does not fit
                 own = model.state_dict()
                 state = {k: v for k, v in state.items() if not (k.startswith("decoder.") and
